@@ -1,0 +1,344 @@
+"""Generate text with a fastllama checkpoint: prefill the prompt, then decode one token at a time.
+
+    python generate.py --compile --prompt "Hello, my name is"
+    python generate.py --interactive            # multi-turn chat with the model's chat template
+
+The decode step is a pure function of (model, token, position) so that `torch.compile` can turn it
+into one fused graph (`--compile`); prefill can be compiled too (`--compile_prefill`). Other files
+(eval, server, benchmark) import load_model / prefill / decode_one_token / generate from here.
+References: gpt-fast generate.py, https://github.com/pytorch-labs/gpt-fast
+"""
+import argparse
+import contextlib
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from checkpoint import load_state_dict, read_config
+from model import Transformer
+from tokenizer import get_tokenizer
+
+DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---- sampling: pure functions of the logits ---------------------------------------------------------------
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None) -> Tensor:
+    """Probabilities (..., vocab) after temperature, top-k and top-p (nucleus) filtering."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest set with mass >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None) -> tuple[Tensor, Tensor]:
+    """Next token (B, 1) and its distribution (B, vocab) from the last position of logits (B, T, vocab)."""
+    logits = logits[:, -1]  # (B, vocab)
+    if temperature == 0:
+        idx = logits.argmax(-1, keepdim=True)
+        return idx, torch.zeros_like(logits, dtype=torch.float).scatter_(-1, idx, 1.0)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    # Gumbel-style draw: argmax(p / Exp(1)) samples from p without a host sync
+    idx = torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1, keepdim=True)
+    return idx, probs
+
+
+# ---- the two model steps ----------------------------------------------------------------------------------
+
+def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Tensor:
+    """Run the prompt x (B, T) at positions input_pos (T,); return the first new token (B, 1)."""
+    return sample(model(x, input_pos), **sampling)[0]
+
+
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> tuple[Tensor, Tensor]:
+    """Feed one token x (B, 1) at position input_pos (1,); return the next token (B, 1) and its probs."""
+    return sample(model(x, input_pos), **sampling)
+
+
+def compile_step(fn, device: torch.device, dynamic: bool = False):
+    """torch.compile fn for the device: CUDA graphs on GPU; frozen weights and C++ GEMM templates on CPU.
+
+    On CPU, inductor's freezing (weights folded in as constants) is what lets max-autotune pick its
+    C++ GEMM template over MKL (about 2x decode speed here); `options=` does not apply it, so it is
+    patched in around each call, which is when compilation happens.
+    """
+    if device.type == "cuda":
+        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=dynamic)
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(fn, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=dynamic)
+
+    def step(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return step
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, start_pos: int = 0,
+             stop_ids=(), callback=None, prefill_step=prefill, decode_step=decode_one_token,
+             **sampling) -> Tensor:
+    """Generate up to max_new_tokens after prompt (B, T) or (T,); return the new tokens (B, N).
+
+    The prompt is written into the KV cache at positions start_pos.. (earlier positions hold a cached
+    prefix); generation stops early once every row has produced a stop id. callback(tokens (B, 1))
+    sees each new token as soon as it exists. The last returned token is not yet in the cache.
+    """
+    prompt = prompt.view(1, -1) if prompt.dim() == 1 else prompt
+    B, T = prompt.shape
+    assert T > 0 and max_new_tokens > 0
+    assert start_pos + T + max_new_tokens - 1 <= model.max_seq_length, "setup_caches with a longer max_seq_length"
+    device = prompt.device
+    stops = torch.tensor(sorted(stop_ids), device=device, dtype=prompt.dtype)
+    done = torch.zeros(B, 1, dtype=torch.bool, device=device)
+    input_pos = torch.arange(start_pos, start_pos + T, device=device)
+    token = prefill_step(model, prompt, input_pos, **sampling)
+    out = [token]
+    for i in range(max_new_tokens):
+        if callback is not None:
+            callback(token)
+        done |= torch.isin(token, stops)
+        if i == max_new_tokens - 1 or bool(done.all()):
+            break
+        pos = torch.tensor([start_pos + T + i], device=device)
+        token, _ = decode_step(model, token.clone(), pos, **sampling)
+        out.append(token)
+    return torch.cat(out, dim=1)
+
+
+def generate_cached(model: Transformer, ids: list[int], cached: list[int], max_new_tokens: int, **kw):
+    """Generate after ids (batch 1), reusing the KV of the longest prefix shared with `cached`.
+
+    cached lists the tokens whose KV the cache holds now. Returns (new tokens, tokens cached after).
+    """
+    shared = 0
+    for a, b in zip(ids[:-1], cached):  # at least one token must be run to get logits
+        if a != b:
+            break
+        shared += 1
+    device = model.norm.weight.device
+    new = generate(model, torch.tensor(ids[shared:], device=device), max_new_tokens, start_pos=shared, **kw)[0]
+    new = new.tolist()
+    return new, ids + new[:-1]
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+
+def resolve_device(device: str | None) -> torch.device:
+    """torch.device for --device (default: cuda when available, else cpu); ValueError when unusable."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    return dev
+
+
+def load_model(checkpoint_path, device="cpu", precision: str = "bf16") -> Transformer:
+    """The Transformer stored at checkpoint_path (a folder or its model.pth) on device, in precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    args, _ = read_config(checkpoint_path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(load_state_dict(checkpoint_path), assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(device=device, dtype=PRECISIONS[precision]).eval()
+
+
+def model_size_bytes(model: Transformer) -> int:
+    """Bytes of weights read per decoded token (tied weights counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: the CUDA allocator's on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class TextStream:
+    """Prints the text of a growing token list as it grows, holding back incomplete UTF-8."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+    def __call__(self, token: Tensor) -> None:
+        if int(token[0, 0]) in self.tokenizer.stop_ids:
+            return
+        self.ids.append(int(token[0, 0]))
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+def _context_budget(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
+    """max_new_tokens clipped to the context; ValueError when the prompt alone does not fit."""
+    block = model.config.block_size
+    if prompt_len >= block:
+        raise ValueError(f"the prompt has {prompt_len} tokens but the model's context is {block}; shorten the prompt")
+    if prompt_len + max_new_tokens > block:
+        max_new_tokens = block - prompt_len
+        print(f"note: max_new_tokens lowered to {max_new_tokens} to fit the context of {block}", file=sys.stderr)
+    return max_new_tokens
+
+
+def chat(model, tokenizer, *, max_new_tokens, max_seq_length, sampling, decode_step, prefill_step):
+    """Multi-turn chat on stdin/stdout; earlier turns stay in the KV cache and are not re-read."""
+    model.setup_caches(1, max_seq_length)
+    device = model.norm.weight.device
+    messages, cached = [], []
+    print(f"chat with the model; an empty line or Ctrl-D ends it (context: {max_seq_length} tokens)")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        budget = min(max_new_tokens, max_seq_length - len(ids))
+        if budget < 1:
+            print(f"error: the conversation filled the context of {max_seq_length} tokens; "
+                  "restart or raise --max_seq_length", file=sys.stderr)
+            messages.pop()
+            continue
+        print("model> ", end="", flush=True)
+        t0 = time.perf_counter()
+        new, cached = generate_cached(model, ids, cached, budget, stop_ids=tokenizer.stop_ids,
+                                      callback=TextStream(tokenizer), decode_step=decode_step,
+                                      prefill_step=prefill_step, **sampling)
+        dt = time.perf_counter() - t0
+        reply = tokenizer.decode([t for t in new if t not in tokenizer.stop_ids])
+        messages.append({"role": "assistant", "content": reply})
+        print(f"\n[{len(new)} tokens, {len(new) / dt:.1f} tok/s, {len(cached)} tokens in cache]")
+
+
+def main(*, prompt: str = "Hello, my name is", interactive: bool = False, num_samples: int = 5,
+         max_new_tokens: int = 200, batch_size: int = 1, top_k: int | None = 200, top_p: float | None = None,
+         temperature: float = 0.8, checkpoint_path: Path = DEFAULT_CHECKPOINT, compile: bool = False,
+         compile_prefill: bool = False, device: str | None = None, profile: Path | None = None,
+         seed: int | None = None, precision: str = "bf16", max_seq_length: int | None = None) -> None:
+    """Load the model, then generate num_samples times (or chat) and print speed and memory."""
+    if not interactive and not prompt:
+        raise ValueError("empty prompt; pass --prompt TEXT")
+    if min(max_new_tokens, num_samples, batch_size) < 1:
+        raise ValueError("--max_new_tokens, --num_samples and --batch_size must be at least 1")
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError("need --temperature >= 0, --top_k >= 1 and 0 < --top_p <= 1")
+    dev = resolve_device(device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_path, dev, precision)
+    tokenizer = get_tokenizer(Path(checkpoint_path))
+    print(f"loaded {checkpoint_path} ({precision}, {dev}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    decode_step = compile_step(decode_one_token, dev) if compile else decode_one_token
+    prefill_step = compile_step(prefill, dev, dynamic=True) if compile_prefill else prefill
+    if interactive:
+        seq = min(max_seq_length or 2048, model.config.block_size)
+        return chat(model, tokenizer, max_new_tokens=max_new_tokens, max_seq_length=seq, sampling=sampling,
+                    decode_step=decode_step, prefill_step=prefill_step)
+
+    ids = tokenizer.encode(prompt)
+    max_new_tokens = _context_budget(model, len(ids), max_new_tokens)
+    model.setup_caches(batch_size, max_seq_length or len(ids) + max_new_tokens)
+    x = torch.tensor(ids, device=dev).repeat(batch_size, 1)  # (B, T)
+    size = model_size_bytes(model)
+    runs = ([-1] if compile else []) + list(range(num_samples))  # run -1 compiles
+    for i in runs:
+        stream = TextStream(tokenizer) if batch_size == 1 and i >= 0 else None
+        first = []
+
+        def on_token(tok, stream=stream, first=first):
+            if not first:
+                first.append(time.perf_counter())
+            if stream is not None:
+                stream(tok)
+
+        prof = torch.profiler.profile() if profile is not None and i == num_samples - 1 else contextlib.nullcontext()
+        if stream is not None:
+            print(prompt, end="", flush=True)
+        t0 = time.perf_counter()
+        with prof:
+            out = generate(model, x, max_new_tokens, stop_ids=tokenizer.stop_ids, callback=on_token,
+                           decode_step=decode_step, prefill_step=prefill_step, **sampling)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t1 = time.perf_counter()
+        if i < 0:
+            print(f"compile time: {t1 - t0:.1f} s (first run, not counted)", file=sys.stderr)
+            continue
+        if stream is not None:
+            print(flush=True)
+        else:
+            for row in out.tolist():
+                print(prompt + tokenizer.decode(row), "\n" + "-" * 40)
+        n = out.size(1)
+        ttft, decode_s = first[0] - t0, t1 - first[0]
+        tps = (n - 1) / decode_s if n > 1 else float("nan")
+        print(f"[sample {i}] {n} tokens x {batch_size}; time to first token {ttft * 1000:.0f} ms; "
+              f"decode {tps * batch_size:.1f} tok/s; bandwidth {size * tps / 1e9:.2f} GB/s", file=sys.stderr)
+        if isinstance(prof, torch.profiler.profile):
+            prof.export_chrome_trace(str(profile))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+            print(f"profile trace written to {profile}", file=sys.stderr)
+    print(f"model size {size / 1e9:.3f} GB; peak memory {peak_memory_bytes(dev) / 1e9:.2f} GB", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate text with a fastllama checkpoint.")
+    p.add_argument("--prompt", type=str, default="Hello, my name is", help="text to continue")
+    p.add_argument("--interactive", action="store_true", help="multi-turn chat using the model's chat template")
+    p.add_argument("--num_samples", type=int, default=5, help="how many times to generate")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="most tokens to generate per sample / turn")
+    p.add_argument("--batch_size", type=int, default=1, help="rows generated in parallel from the same prompt")
+    p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT, help="model.pth or its folder")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
+    p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample here")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16", help="weights and activations dtype")
+    p.add_argument("--max_seq_length", type=int, default=None,
+                   help="KV cache length (default: prompt + max_new_tokens; 2048 in --interactive)")
+    return p
+
+
+if __name__ == "__main__":
+    try:
+        main(**vars(build_parser().parse_args()))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,290 @@
+"""A LLaMA-family transformer with a static KV cache, in plain PyTorch.
+
+One model serves Llama 2 / 3.x, Mistral, CodeLlama, TinyLlama, SmolLM2 and Qwen2-style checkpoints:
+grouped-query attention, rotary embeddings (with Llama 3.1 frequency scaling), RMSNorm, SwiGLU,
+optional q/k/v bias, optional tied embeddings and an optional sliding attention window.
+
+Rotary embeddings rotate adjacent pairs (x[2i], x[2i+1]), the layout of Meta's original checkpoints
+and of GGUF files; `scripts/convert_hf_checkpoint.py` permutes Hugging Face q/k weights into it.
+
+References:
+  LLaMA, https://arxiv.org/abs/2302.13971 ; RoFormer, https://arxiv.org/abs/2104.09864 ;
+  GQA, https://arxiv.org/abs/2305.13245 ; gpt-fast, https://github.com/pytorch-labs/gpt-fast
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+SUPPORTED_HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_heads: int | None = None  # None: same as n_head (multi-head attention)
+    dim: int = 4096
+    intermediate_size: int | None = None  # None: the Llama rule, 2/3 of 4*dim rounded up to 256
+    head_dim: int | None = None  # None: dim // n_head
+    rope_base: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.1 kind: factor, low/high_freq_factor, original_max_position_embeddings
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # bias on the q, k, v projections (Qwen2)
+    block_size: int = 2048  # the longest context the model was trained for
+    sliding_window: int | None = None  # attend only to the last `sliding_window` positions (Mistral)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_head
+        if self.intermediate_size is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.intermediate_size = 256 * math.ceil(hidden / 256)
+        if self.n_head % self.n_kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            missing = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            missing -= set(self.rope_scaling)
+            if missing:
+                raise ValueError(f"rope_scaling lacks {sorted(missing)}; only the Llama 3.1 kind is supported")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        """Build from a dict of our own field names, rejecting unknown ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        """One of the well-known configs in `transformer_configs`."""
+        if name not in transformer_configs:
+            raise ValueError(f"unknown model name {name!r}; known: {sorted(transformer_configs)}")
+        return cls(**transformer_configs[name])
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Translate a Hugging Face `config.json` (llama, mistral or qwen2) into ModelArgs."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_HF_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_HF_MODEL_TYPES)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only silu (SwiGLU) is supported")
+        if cfg.get("mlp_bias"):
+            raise ValueError("mlp_bias=true is not supported")
+        # transformers >= 5 writes rope_parameters; older versions rope_theta and rope_scaling
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_base = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, llama3")
+        window = cfg.get("sliding_window")
+        if model_type == "qwen2":
+            if cfg.get("use_sliding_window"):
+                raise ValueError("qwen2 with use_sliding_window=true is not supported")
+            window = None
+        n_head = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            n_layer=cfg["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_head,
+            dim=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+            rope_base=float(rope_base),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            block_size=cfg.get("max_position_embeddings", 2048),
+            sliding_window=window,
+        )
+
+
+_LLAMA31_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+transformer_configs = {
+    "Llama-2-7b": dict(n_layer=32, n_head=32, dim=4096, block_size=4096),
+    "Llama-2-13b": dict(n_layer=40, n_head=40, dim=5120, block_size=4096),
+    "Llama-2-70b": dict(n_layer=80, n_head=64, n_kv_heads=8, dim=8192, intermediate_size=28672, block_size=4096),
+    "CodeLlama-7b": dict(n_layer=32, n_head=32, dim=4096, vocab_size=32016, rope_base=1e6, block_size=16384),
+    "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_kv_heads=4, dim=2048, intermediate_size=5632),
+    "Mistral-7B": dict(n_layer=32, n_head=32, n_kv_heads=8, dim=4096, intermediate_size=14336, block_size=32768),
+    "Llama-3-8B": dict(n_layer=32, n_head=32, n_kv_heads=8, dim=4096, intermediate_size=14336,
+                       vocab_size=128256, rope_base=500000.0, block_size=8192),
+    "Llama-3.1-8B": dict(n_layer=32, n_head=32, n_kv_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256,
+                         rope_base=500000.0, rope_scaling=_LLAMA31_ROPE, block_size=131072),
+    "Llama-3.2-1B": dict(n_layer=16, n_head=32, n_kv_heads=8, dim=2048, intermediate_size=8192, vocab_size=128256,
+                         rope_base=500000.0, tie_embeddings=True, block_size=131072,
+                         rope_scaling=dict(_LLAMA31_ROPE, factor=32.0)),
+    "SmolLM2-135M": dict(n_layer=30, n_head=9, n_kv_heads=3, dim=576, intermediate_size=1536, vocab_size=49152,
+                         rope_base=100000.0, tie_embeddings=True, block_size=8192),
+    "Qwen2.5-0.5B": dict(n_layer=24, n_head=14, n_kv_heads=2, dim=896, intermediate_size=4864, vocab_size=151936,
+                         rope_base=1e6, norm_eps=1e-6, tie_embeddings=True, attention_bias=True, block_size=32768),
+}
+
+
+def precompute_freqs_cis(seq_len: int, head_dim: int, base: float, rope_scaling: dict | None = None) -> Tensor:
+    """cos and sin of every position and frequency: (seq_len, head_dim // 2, 2), float32."""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if rope_scaling is not None:
+        freqs = apply_rope_scaling(freqs, **rope_scaling)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)  # (seq_len, head_dim // 2)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def apply_rope_scaling(freqs: Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_max_position_embeddings: int) -> Tensor:
+    """Llama 3.1 scaling: long wavelengths slowed down by `factor`, short ones kept, a smooth blend between."""
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    out = torch.where(wavelen > low_freq_wavelen, freqs / factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, out)
+
+
+def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """Rotate adjacent pairs of x (B, T, H, D) by the angles in freqs_cis (T, D // 2, 2)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)  # (1, T, 1, D/2, 2)
+    out = torch.stack(
+        [xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1], xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1
+    )
+    return out.flatten(3).type_as(x)  # (B, T, H, D)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / rms(x) * weight, computed in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv, T, D) at positions input_pos (T,); return the whole cache."""
+        B = k.size(0)
+        self.k_cache[:B, :, input_pos] = k
+        self.v_cache[:B, :, input_pos] = v
+        return self.k_cache[:B], self.v_cache[:B]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_kv_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.attention_bias)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary_emb(q.view(B, T, self.n_head, self.head_dim), freqs_cis)
+        k = apply_rotary_emb(k.view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_heads)
+        y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, n_head * head_dim)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+        """Allocate the KV cache, rotary table and mask on the weights' device, in the weights' dtype."""
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}")
+        if self.max_batch_size >= max_batch_size and self.max_seq_length == max_seq_length:
+            return
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        c = self.config
+        for block in self.layers:
+            block.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_kv_heads, c.head_dim, dtype).to(device)
+        freqs = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling)
+        self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
+        pos = torch.arange(max_seq_length, device=device)
+        mask = pos[None, :] <= pos[:, None]  # (S, S): query row may see key column
+        if c.sliding_window is not None:
+            mask &= pos[None, :] > pos[:, None] - c.sliding_window
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        """Logits (B, T, vocab) for tokens idx (B, T) at positions input_pos (T,)."""
+        assert self.max_seq_length > 0, "call setup_caches first"
+        mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, S)
+        freqs_cis = self.freqs_cis[input_pos]  # (T, head_dim / 2, 2)
+        x = self.tok_embeddings(idx)  # (B, T, dim)
+        for layer in self.layers:
+            x = layer(x, freqs_cis, mask, input_pos)
+        return self.output(self.norm(x))

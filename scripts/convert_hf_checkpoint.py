@@ -1,0 +1,117 @@
+"""Convert a Hugging Face llama / mistral / qwen2 checkpoint folder into fastllama's format.
+
+Reads config.json and the weights (model.safetensors, sharded *.safetensors with an index, or
+pytorch_model*.bin loaded with weights_only=True), fuses q/k/v into `wqkv`, permutes q and k from
+Hugging Face's rotate-half layout into the adjacent-pairs layout model.py uses, keeps the source
+dtype, and writes model.pth + model_config.json into the same folder (see checkpoint.py).
+
+Usage: python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from checkpoint import save_checkpoint  # noqa: E402
+from model import ModelArgs  # noqa: E402
+
+WEIGHT_MAP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def hf_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder q/k rows (weight or bias) from rotate-half to adjacent-pairs rotary layout."""
+    rest = w.shape[1:]
+    return w.view(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(n_heads * head_dim, *rest)
+
+
+def read_hf_weights(checkpoint_dir: Path) -> dict:
+    """All tensors of a Hugging Face folder: safetensors preferred, then pytorch_model*.bin."""
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        index = checkpoint_dir / "model.safetensors.index.json"
+        if index.is_file():  # only the shards the index names (a folder may also hold consolidated copies)
+            files = sorted({checkpoint_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+        out = {}
+        for f in files:
+            out.update(load_file(f))
+        return out
+    files = sorted(checkpoint_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin in {checkpoint_dir}")
+    out = {}
+    for f in files:
+        out.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+    return out
+
+
+def convert_state_dict(hf: dict, args: ModelArgs) -> dict:
+    """Rename, fuse and permute a Hugging Face state dict into model.py's names."""
+    sd = {}
+    for i in range(args.n_layer):
+        prefix = f"model.layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            parts = [hf.get(f"{prefix}{p}.{kind}") for p in QKV]
+            if parts[0] is None:
+                continue
+            q, k, v = parts
+            q = hf_to_interleaved(q, args.n_head, args.head_dim)
+            k = hf_to_interleaved(k, args.n_kv_heads, args.head_dim)
+            sd[f"layers.{i}.attention.wqkv.{kind}"] = torch.cat([q, k, v])
+    for hf_name, ours in WEIGHT_MAP.items():
+        names = [(hf_name.format(i), ours.format(i)) for i in range(args.n_layer)] if "{}" in hf_name else [(hf_name, ours)]
+        for src, dst in names:
+            if src in hf:
+                sd[dst] = hf[src]
+    if args.tie_embeddings or "output.weight" not in sd:
+        sd["output.weight"] = sd["tok_embeddings.weight"]  # the same tensor: stored once by torch.save
+    return sd
+
+
+def convert_hf_checkpoint(checkpoint_dir: Path) -> Path:
+    """Convert the Hugging Face folder checkpoint_dir in place; return the written model.pth."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config_file = checkpoint_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: is {checkpoint_dir} a Hugging Face model folder?")
+    cfg = json.loads(config_file.read_text())
+    args = ModelArgs.from_hf_config(cfg)
+    hf = read_hf_weights(checkpoint_dir)
+    sd = convert_state_dict(hf, args)
+    dtypes = {t.dtype for t in sd.values()}
+    original_tok = checkpoint_dir / "original" / "tokenizer.model"  # Llama 3: the tiktoken file
+    if original_tok.is_file() and not (checkpoint_dir / "tokenizer.model").exists():
+        shutil.copy(original_tok, checkpoint_dir / "tokenizer.model")
+    fmt = {"dtype": str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "mixed",
+           "source": "huggingface", "model_type": cfg["model_type"]}
+    return save_checkpoint(checkpoint_dir, sd, args, fmt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint_dir", type=Path, required=True, help="Hugging Face model folder")
+    return parser
+
+
+if __name__ == "__main__":
+    a = build_parser().parse_args()
+    try:
+        print(f"wrote {convert_hf_checkpoint(a.checkpoint_dir)}")
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

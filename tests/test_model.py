@@ -1,0 +1,83 @@
+"""The pure functions of model.py and generate.py, and ModelArgs, each on its own."""
+import pytest
+import torch
+
+from generate import logits_to_probs, sample
+from model import ModelArgs, apply_rope_scaling, apply_rotary_emb, precompute_freqs_cis, rms_norm
+from convert_hf_checkpoint import hf_to_interleaved
+
+
+def test_rotary_matches_rotate_half_after_permute():
+    """Adjacent-pair rotation of permuted q equals HF's rotate-half rotation of the original q, permuted."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 5, 3, 8
+    w = torch.randn(H * D, 16)
+    x = torch.randn(B, T, 16)
+    freqs = precompute_freqs_cis(T, D, 10000.0)
+    q_hf = (x @ w.T).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+    angles = torch.atan2(freqs[..., 1], freqs[..., 0])  # (T, D/2)
+    emb = torch.cat([angles, angles], -1)
+    rot_hf, _ = apply_rotary_pos_emb(q_hf, q_hf, emb.cos()[None], emb.sin()[None])
+    ours = apply_rotary_emb((x @ hf_to_interleaved(w, H, D).T).view(B, T, H, D), freqs)
+    expected = hf_to_interleaved(rot_hf.transpose(1, 2).reshape(B, T, H * D).transpose(0, 2), H, D).transpose(0, 2)
+    torch.testing.assert_close(ours.reshape(B, T, H * D), expected)
+
+
+def test_llama31_rope_scaling_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
+                      rope_scaling=dict(rope_type="llama3", **scaling))
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    got = apply_rope_scaling(freqs, **scaling)
+    torch.testing.assert_close(got, expected.float())
+    assert not torch.equal(got, freqs)  # the scaling did something
+
+
+def test_rms_norm():
+    x, w = torch.randn(3, 8), torch.rand(8)
+    expected = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * w
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), expected)
+
+
+def test_logits_to_probs_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    torch.testing.assert_close(logits_to_probs(logits, 1.0), torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_k=2), torch.tensor([[2 / 3, 1 / 3, 0, 0]]))
+    # top_p=0.7: 0.5 + 0.25 reaches it, so the two most likely stay
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_p=0.7), torch.tensor([[2 / 3, 1 / 3, 0, 0]]))
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_p=0.5), torch.tensor([[1.0, 0, 0, 0]]))
+    sharp = logits_to_probs(logits, 0.5)
+    assert sharp[0, 0] > 0.5 and torch.isclose(sharp.sum(), torch.tensor(1.0))
+
+
+def test_sample_greedy_and_distribution():
+    logits = torch.log(torch.tensor([[[0.1, 0.6, 0.3]]]))  # (B=1, T=1, V=3)
+    idx, probs = sample(logits, temperature=0.0)
+    assert idx.item() == 1 and probs[0, 1] == 1
+    torch.manual_seed(0)
+    draws = torch.cat([sample(logits.expand(1000, 1, 3), temperature=1.0)[0] for _ in range(10)])
+    freq = torch.bincount(draws.flatten(), minlength=3).float() / draws.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.6, 0.3]), atol=0.02, rtol=0)
+
+
+def test_model_args_from_hf_config_and_errors():
+    cfg = dict(model_type="llama", vocab_size=10, num_hidden_layers=1, num_attention_heads=4, hidden_size=32,
+               intermediate_size=64, num_key_value_heads=2, rope_theta=5e5, tie_word_embeddings=True)
+    a = ModelArgs.from_hf_config(cfg)
+    assert (a.n_kv_heads, a.head_dim, a.rope_base, a.tie_embeddings) == (2, 8, 5e5, True)
+    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2"):
+        ModelArgs.from_hf_config(dict(cfg, model_type="gpt2"))
+    with pytest.raises(ValueError, match="unknown model config fields"):
+        ModelArgs.from_dict({"dim": 8, "n_heads": 2})
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        ModelArgs(n_head=4, n_kv_heads=3, dim=32)
+    with pytest.raises(ValueError, match="known:"):
+        ModelArgs.from_name("Llama-9")
+    assert ModelArgs.from_name("SmolLM2-135M").head_dim == 64
+    assert ModelArgs(dim=4096).intermediate_size == 11008  # the Llama-2-7B rule

@@ -1,0 +1,58 @@
+"""scripts/: prepare.sh on a local folder and on the default model, download errors, converter errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_hf_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sh(*args, **env):
+    full = dict(os.environ, HF_HUB_OFFLINE="1", PYTHON=sys.executable, **env)
+    return subprocess.run([*map(str, args)], capture_output=True, text=True, env=full, cwd=ROOT, timeout=900)
+
+
+def test_prepare_local_folder_twice(tmp_path, spm_dir):
+    make_hf_model("qwen2_bias", tmp_path, spm_dir)
+    (tmp_path / "model.pth").unlink()
+    for _ in range(2):  # idempotent
+        r = sh("bash", "scripts/prepare.sh", tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert f"ready: {tmp_path}" in r.stdout
+    config = json.loads((tmp_path / "model_config.json").read_text())
+    assert config["model_args"]["attention_bias"] is True and config["format"]["dtype"] == "float32"
+
+
+@pytest.mark.real_model
+def test_prepare_default_model(tmp_path, smollm2_gguf):
+    r = sh("bash", "scripts/prepare.sh", CHECKPOINTS_DIR=str(tmp_path), FASTLLAMA_CACHE=str(smollm2_gguf.parent.parent))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+    assert (out / "model.pth").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "model_config.json").read_text())["format"]["source"] == "gguf"
+    again = sh("bash", "scripts/prepare.sh", CHECKPOINTS_DIR=str(tmp_path))
+    assert again.returncode == 0 and "ready" in again.stdout
+
+
+def test_prepare_bad_argument():
+    r = sh("bash", "scripts/prepare.sh", "not-a-repo-or-folder")
+    assert r.returncode != 0 and "neither a local folder" in r.stderr
+
+
+def test_download_offline_is_one_clear_line(tmp_path):
+    r = sh(sys.executable, "scripts/download.py", "--repo_id", "HuggingFaceTB/SmolLM2-135M-Instruct",
+           "--checkpoints_dir", tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "unreachable" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_convert_errors(tmp_path):
+    r = sh(sys.executable, "scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path)
+    assert r.returncode != 0 and "config.json" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    r = sh(sys.executable, "scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path)
+    assert r.returncode != 0 and "supported: llama, mistral, qwen2" in r.stderr and "Traceback" not in r.stderr
