@@ -82,7 +82,7 @@ def compile_step(fn, device: torch.device, dynamic: bool = False):
     compiled = torch.compile(fn, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=dynamic)
 
     def step(*args, **kwargs):
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0):
             return compiled(*args, **kwargs)
 
     return step
@@ -237,7 +237,7 @@ def chat(model, tokenizer, *, max_new_tokens, max_seq_length, sampling, decode_s
         dt = time.perf_counter() - t0
         reply = tokenizer.decode([t for t in new if t not in tokenizer.stop_ids])
         messages.append({"role": "assistant", "content": reply})
-        print(f"\n[{len(new)} tokens, {len(new) / dt:.1f} tok/s, {len(cached)} tokens in cache]")
+        print(f"\n[{len(new)} tokens in {dt:.2f} s, {len(cached)} tokens in cache]")
 
 
 def main(*, prompt: str = "Hello, my name is", interactive: bool = False, num_samples: int = 5,

@@ -86,6 +86,8 @@ class ModelArgs:
             raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only silu (SwiGLU) is supported")
         if cfg.get("mlp_bias"):
             raise ValueError("mlp_bias=true is not supported")
+        if model_type != "qwen2" and cfg.get("attention_bias"):
+            raise ValueError("attention_bias=true on llama/mistral (a bias on o_proj too) is not supported")
         # transformers >= 5 writes rope_parameters; older versions rope_theta and rope_scaling
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         rope_base = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -110,7 +112,7 @@ class ModelArgs:
             rope_scaling=rope if rope_type == "llama3" else None,
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            attention_bias=model_type == "qwen2",
             block_size=cfg.get("max_position_embeddings", 2048),
             sliding_window=window,
         )

@@ -81,7 +81,52 @@ def convert_state_dict(hf: dict, args: ModelArgs) -> dict:
                 sd[dst] = hf[src]
     if args.tie_embeddings or "output.weight" not in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]  # the same tensor: stored once by torch.save
+    unused = sorted(k for k in set(hf) - set(to_hf_state_dict(sd, args)) if not k.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise ValueError(f"the checkpoint has weights this model does not use, e.g. {unused[:3]}; refusing to drop them")
     return sd
+
+
+def interleaved_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Inverse of hf_to_interleaved."""
+    rest = w.shape[1:]
+    return w.view(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(n_heads * head_dim, *rest)
+
+
+def to_hf_state_dict(sd: dict, args: ModelArgs) -> dict:
+    """model.py state dict -> Hugging Face Llama/Qwen2 names (the inverse of convert_state_dict)."""
+    hf = {}
+    q_size, kv_size = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
+    for i in range(args.n_layer):
+        for kind in ("weight", "bias"):
+            fused = sd.get(f"layers.{i}.attention.wqkv.{kind}")
+            if fused is None:
+                continue
+            q, k, v = fused.split([q_size, kv_size, kv_size])
+            prefix = f"model.layers.{i}.self_attn."
+            hf[f"{prefix}q_proj.{kind}"] = interleaved_to_hf(q, args.n_head, args.head_dim)
+            hf[f"{prefix}k_proj.{kind}"] = interleaved_to_hf(k, args.n_kv_heads, args.head_dim)
+            hf[f"{prefix}v_proj.{kind}"] = v
+    for hf_name, ours in WEIGHT_MAP.items():
+        names = [(hf_name.format(i), ours.format(i)) for i in range(args.n_layer)] if "{}" in hf_name else [(hf_name, ours)]
+        for dst, src in names:
+            hf[dst] = sd[src]
+    return hf
+
+
+def to_hf_config(args: ModelArgs) -> dict:
+    """A Hugging Face config.json dict (llama, or qwen2 when the model has q/k/v bias) for ModelArgs."""
+    rope = {"rope_type": "default", "rope_theta": args.rope_base}
+    if args.rope_scaling:
+        rope = {**args.rope_scaling, "rope_type": "llama3", "rope_theta": args.rope_base}
+    cfg = dict(model_type="qwen2" if args.attention_bias else "llama", vocab_size=args.vocab_size,
+               num_hidden_layers=args.n_layer, num_attention_heads=args.n_head, num_key_value_heads=args.n_kv_heads,
+               hidden_size=args.dim, intermediate_size=args.intermediate_size, head_dim=args.head_dim,
+               rms_norm_eps=args.norm_eps, tie_word_embeddings=args.tie_embeddings,
+               max_position_embeddings=args.block_size, rope_parameters=rope, rope_theta=args.rope_base)
+    if args.sliding_window is not None:
+        cfg.update(model_type="mistral", sliding_window=args.sliding_window)
+    return cfg
 
 
 def convert_hf_checkpoint(checkpoint_dir: Path) -> Path:

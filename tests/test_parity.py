@@ -44,3 +44,20 @@ def test_greedy_tokens_match(pair):
     ours.setup_caches(1, prompt.size(1) + n)
     got = generate(ours, prompt, n, temperature=0.0)[0]
     assert got.tolist() == expected.tolist()
+
+
+def test_round_trip_to_hf(pair):
+    """to_hf_state_dict undoes our conversion exactly (benchmark and eval rebuild HF models with it)."""
+    from convert_hf_checkpoint import to_hf_config, to_hf_state_dict
+
+    kind, hf, _, folder = pair
+    from checkpoint import load_state_dict, read_config
+
+    args, _ = read_config(folder)
+    back = to_hf_state_dict(load_state_dict(folder), args)
+    expected = {k: v for k, v in hf.state_dict().items() if not (kind == "smollm2_tied" and k == "lm_head.weight")}
+    assert back.keys() >= expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(back[k], v), k
+    cfg = to_hf_config(args)
+    assert cfg["num_key_value_heads"] == hf.config.num_key_value_heads and cfg["tie_word_embeddings"] == hf.config.tie_word_embeddings
