@@ -223,10 +223,15 @@ def chat(model, tokenizer, *, max_new_tokens, max_seq_length, sampling, decode_s
             break
         messages.append({"role": "user", "content": line})
         ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        if len(ids) >= max_seq_length and len(messages) > 1:
+            print(f"note: the conversation filled the context of {max_seq_length} tokens; starting a new one "
+                  "(raise --max_seq_length for longer chats)", file=sys.stderr)
+            messages, cached = messages[-1:], []
+            ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
         budget = min(max_new_tokens, max_seq_length - len(ids))
         if budget < 1:
-            print(f"error: the conversation filled the context of {max_seq_length} tokens; "
-                  "restart or raise --max_seq_length", file=sys.stderr)
+            print(f"error: this message alone is {len(ids)} tokens, more than the context of {max_seq_length}; "
+                  "send a shorter one or raise --max_seq_length", file=sys.stderr)
             messages.pop()
             continue
         print("model> ", end="", flush=True)
@@ -263,12 +268,15 @@ def main(*, prompt: str = "Hello, my name is", interactive: bool = False, num_sa
     decode_step = compile_step(decode_one_token, dev) if compile else decode_one_token
     prefill_step = compile_step(prefill, dev, dynamic=True) if compile_prefill else prefill
     if interactive:
-        seq = min(max_seq_length or 2048, model.config.block_size)
+        seq = max_seq_length or min(2048, model.config.block_size)
         return chat(model, tokenizer, max_new_tokens=max_new_tokens, max_seq_length=seq, sampling=sampling,
                     decode_step=decode_step, prefill_step=prefill_step)
 
     ids = tokenizer.encode(prompt)
     max_new_tokens = _context_budget(model, len(ids), max_new_tokens)
+    if max_seq_length is not None and max_seq_length < len(ids) + max_new_tokens:
+        raise ValueError(f"--max_seq_length {max_seq_length} is shorter than the prompt ({len(ids)} tokens) "
+                         f"plus --max_new_tokens ({max_new_tokens}); raise it or leave it unset")
     model.setup_caches(batch_size, max_seq_length or len(ids) + max_new_tokens)
     x = torch.tensor(ids, device=dev).repeat(batch_size, 1)  # (B, T)
     size = model_size_bytes(model)

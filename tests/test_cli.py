@@ -81,6 +81,8 @@ def test_cli_real_model(smollm2_dir):
     (["--prompt", ""], "empty prompt"),
     (["--prompt", "word " * 200], "context is 128"),
     (["--max_new_tokens", "0"], "at least 1"),
+    (["--max_seq_length", "4"], "shorter than the prompt"),
+    (["--interactive", "--max_seq_length", "4096"], "exceeds the model's context of 128"),
 ])
 def test_cli_bad_input_is_one_clear_line(tiny_llama, args, message):
     if "cuda" in args and torch.cuda.is_available():
@@ -90,3 +92,13 @@ def test_cli_bad_input_is_one_clear_line(tiny_llama, args, message):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr.strip().splitlines()[-1]  # the last line names the problem
+
+
+def test_cli_interactive_context_full_starts_over(tiny_llama):
+    _, folder = tiny_llama
+    long_line = "parse the arguments " * 12
+    r = run("--checkpoint_path", folder, "--device", "cpu", "--interactive", "--temperature", "0",
+            "--max_new_tokens", "4", "--max_seq_length", "100", stdin=f"{long_line}\n{long_line}\n{'x ' * 200}\n\n")
+    assert r.returncode == 0, r.stderr
+    assert "starting a new one" in r.stderr and "more than the context of 100" in r.stderr
+    assert r.stdout.count("tokens in cache]") == 2

@@ -56,3 +56,25 @@ def test_convert_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     r = sh(sys.executable, "scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path)
     assert r.returncode != 0 and "supported: llama, mistral, qwen2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_convert_keeps_dtype_and_llama3_tokenizer(tmp_path):
+    """A bf16 checkpoint stays bf16; Llama 3's original/tokenizer.model (tiktoken) is picked up."""
+    import base64
+
+    import torch
+
+    from checkpoint import load_state_dict, read_config
+    from tokenizer import TiktokenTokenizer, get_tokenizer
+
+    hf = make_hf_model("llama31_gqa", tmp_path / "src")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    (tmp_path / "bf16" / "original").mkdir()
+    ranks = "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
+    (tmp_path / "bf16" / "original" / "tokenizer.model").write_text(ranks)
+    r = sh("bash", "scripts/prepare.sh", tmp_path / "bf16")
+    assert r.returncode == 0, r.stderr
+    _, fmt = read_config(tmp_path / "bf16")
+    assert fmt["dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in load_state_dict(tmp_path / "bf16").values())
+    assert isinstance(get_tokenizer(tmp_path / "bf16"), TiktokenTokenizer)
