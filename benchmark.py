@@ -19,7 +19,7 @@ import torch
 
 from checkpoint import load_state_dict, read_config
 from generate import (DEFAULT_CHECKPOINT, PRECISIONS, compile_step, decode_one_token, generate, load_model,
-                      model_size_bytes, resolve_device)
+                      model_size_bytes, resolve_device, run_cli)
 from tokenizer import get_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
@@ -166,7 +166,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    try:
-        main(**vars(build_parser().parse_args()))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main, build_parser())

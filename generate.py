@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from checkpoint import load_state_dict, read_config
+from checkpoint import build_model, load_state_dict, read_config
 from model import Transformer
 from tokenizer import get_tokenizer
 
@@ -157,18 +157,27 @@ def load_model(checkpoint_path, device="cpu", precision: str = "bf16") -> Transf
     """The Transformer stored at checkpoint_path (a folder or its model.pth) on device, in precision."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    args, _ = read_config(checkpoint_path)
-    with torch.device("meta"):
-        model = Transformer(args)
+    args, fmt = read_config(checkpoint_path)
+    model = build_model(args, fmt)
     model.load_state_dict(load_state_dict(checkpoint_path), assign=True)
-    if args.tie_embeddings:
+    model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
+    if fmt.get("quantization"):
+        from quantize import prepare, tie_quantized
+
+        if args.tie_embeddings:
+            tie_quantized(model)
+        prepare(model)
+    elif args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    return model.to(device=device, dtype=PRECISIONS[precision]).eval()
+    return model
 
 
 def model_size_bytes(model: Transformer) -> int:
-    """Bytes of weights read per decoded token (tied weights counted once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights read per decoded token: parameters and quantized weights, tied ones counted once."""
+    caches = ("k_cache", "v_cache", "freqs_cis", "causal_mask")
+    tensors = {t.data_ptr(): t for t in model.parameters()}
+    tensors.update({t.data_ptr(): t for n, t in model.named_buffers() if not n.endswith(caches)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -343,10 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
+def run_cli(main_fn, parser: argparse.ArgumentParser):
+    """Call main_fn with the parsed flags; a user's mistake (ValueError, FileNotFoundError) exits with one line."""
     try:
-        main(**vars(build_parser().parse_args()))
+        return main_fn(**vars(parser.parse_args()))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_cli(main, build_parser())

@@ -177,6 +177,17 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v for q (B, H, T, D) over k, v (B, KV, S, D) with H a multiple of KV."""
+    B, H, T, D = q.shape
+    KV = k.size(1)
+    qg = q.view(B, KV, H // KV, T, D)  # (B, KV, rep, T, D): the query heads that share each kv head
+    scores = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() / math.sqrt(D)  # (B, KV, rep, T, S)
+    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    y = torch.softmax(scores, dim=-1).to(v.dtype) @ v.unsqueeze(2)  # (B, KV, rep, T, D)
+    return y.view(B, H, T, D)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -220,7 +231,10 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_heads)
+        if T == 1:  # decoding: plain math that the compiler fuses beats a flash kernel for one query
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, n_head * head_dim)
         return self.wo(y)
 

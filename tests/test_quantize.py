@@ -1,0 +1,131 @@
+"""Quantization: primitives, kernels against their dequantized reference, checkpoints, GPTQ, errors."""
+import inspect
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quantize as qz
+from checkpoint import load_state_dict, read_config, save_checkpoint
+from generate import generate, load_model
+
+
+def test_int8_and_int4_round_trip_error_is_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(48, 256)
+    q, s = qz.quantize_int8(w)
+    assert q.dtype == torch.int8 and (qz.dequantize_int8(q, s) - w).abs().le(s[:, None] / 2 + 1e-6).all()
+    for g in qz.GROUPSIZES:
+        q4, sz = qz.quantize_int4(w, g)
+        assert q4.max() <= 15 and sz.shape == (256 // g, 48, 2)
+        step = sz[..., 0].T.repeat_interleave(g, dim=1)  # (N, K) scale of each weight's group
+        assert (qz.dequantize_int4(q4, sz, g) - w).abs().le(step / 2 + 1e-5).all()
+        assert torch.equal(qz.unpack_int4(qz.pack_int4(q4)), q4)
+    with pytest.raises(ValueError, match="does not divide"):
+        qz.quantize_int4(torch.randn(4, 96), 64)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_kernels_match_dequantized_reference(dtype, tol):
+    torch.manual_seed(0)
+    w, x, b = torch.randn(96, 128), torch.randn(2, 5, 128), torch.randn(96)
+    q, s = qz.quantize_int8(w)
+    lin8 = qz.Int8Linear(128, 96, bias=True)
+    lin8.weight, lin8.scales, lin8.bias = q, s.to(dtype), torch.nn.Parameter(b.to(dtype))
+    ref8 = F.linear(x, qz.dequantize_int8(q, s.to(dtype)), b)
+    torch.testing.assert_close(lin8(x.to(dtype)).float(), ref8, rtol=tol, atol=tol * ref8.abs().max().item())
+    for g in (32, 128):
+        q4, sz = qz.quantize_int4(w, g)
+        lin4 = qz.Int4Linear(128, 96, g)
+        lin4.weight, lin4.scales_and_zeros = qz.pack_int4(q4), sz.to(dtype)
+        lin4.prepare()
+        ref4 = F.linear(x, qz.dequantize_int4(q4, sz.to(dtype), g))
+        torch.testing.assert_close(lin4(x.to(dtype)).float(), ref4, rtol=tol, atol=tol * ref4.abs().max().item())
+    emb = qz.Int8Embedding(96, 128)
+    emb.weight, emb.scales = q, s
+    idx = torch.tensor([[3, 0, 95]])
+    torch.testing.assert_close(emb(idx), qz.dequantize_int8(q, s)[idx])
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized(request, tiny_llama):
+    _, folder = tiny_llama
+    mode = request.param
+    path = qz.main(checkpoint_path=folder / "model.pth", mode=mode, groupsize=32)
+    return mode, folder, path
+
+
+def test_checkpoint_says_what_it_is(quantized):
+    mode, folder, path = quantized
+    _, fmt = read_config(path)
+    assert fmt["quantization"]["mode"] == mode and fmt["quantization"]["groupsize"] == (None if mode == "int8" else 32)
+    assert json.loads((folder / "model_config.json").read_text())["format"].get("quantization") is None
+    sd = load_state_dict(path)
+    assert sd["layers.0.attention.wqkv.weight"].dtype == (torch.int8 if mode == "int8" else torch.uint8)
+    assert sd["tok_embeddings.weight"].dtype == torch.int8
+
+
+def test_quantized_model_matches_dequantized_twin(quantized, tmp_path):
+    mode, folder, path = quantized
+    args, fmt = read_config(path)
+    twin = qz.dequantize_state_dict(load_state_dict(path), fmt["quantization"])
+    save_checkpoint(tmp_path, twin, args, {"dtype": "float32"})
+    q_model, f_model = load_model(path, "cpu", "fp32"), load_model(tmp_path, "cpu", "fp32")
+    idx = torch.tensor([[5, 80, 13, 200, 7, 9, 301, 44]])
+    for m in (q_model, f_model):
+        m.setup_caches(1, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(q_model(idx, torch.arange(8)), f_model(idx, torch.arange(8)), rtol=1e-4, atol=1e-4)
+    for m in (q_model, f_model):
+        m.setup_caches(1, 40)
+    assert generate(q_model, idx, 24, temperature=0.0).tolist() == generate(f_model, idx, 24, temperature=0.0).tolist()
+
+
+def test_gptq_beats_round_to_nearest_on_layer_output():
+    torch.manual_seed(0)
+    K, N = 128, 64
+    mix = torch.randn(K, K) / K**0.5
+    X = torch.randn(2048, K) @ mix + torch.randn(K) * 0.1  # correlated inputs, as in a real layer
+    W = torch.randn(N, K)
+    H = 2 * X.T @ X / X.size(0)
+    for g in (32, 128):
+        q_rtn, sz_rtn = qz.quantize_int4(W, g)
+        q_gptq, sz_gptq = qz.gptq_quantize(W, H, g, blocksize=64)
+        err_rtn = (X @ (qz.dequantize_int4(q_rtn, sz_rtn, g) - W).T).pow(2).mean()
+        err_gptq = (X @ (qz.dequantize_int4(q_gptq, sz_gptq, g) - W).T).pow(2).mean()
+        assert err_gptq < 0.8 * err_rtn, (g, err_gptq, err_rtn)
+
+
+def test_gptq_checkpoint_end_to_end(tiny_llama, tmp_path):
+    hf, folder = tiny_llama
+    calib = tmp_path / "calib.txt"
+    calib.write_text(inspect.getsource(qz))
+    out = qz.main(checkpoint_path=folder, mode="int4-gptq", groupsize=32, calibration_file=calib,
+                  calibration_limit=4, calibration_seq_length=64, output=tmp_path / "gptq" / "model.pth")
+    rtn = qz.main(checkpoint_path=folder, mode="int4", groupsize=32, output=tmp_path / "rtn" / "model.pth")
+    assert read_config(out)[1]["quantization"]["mode"] == "int4-gptq"
+    from tokenizer import get_tokenizer
+
+    idx = torch.tensor([get_tokenizer(folder).encode(inspect.getsource(generate))[:48]])  # held-out text
+    with torch.no_grad():
+        expected = hf(idx).logits
+        errors = {}
+        for name, path in (("gptq", out), ("rtn", rtn)):
+            model = load_model(path, "cpu", "fp32")
+            model.setup_caches(1, 48)
+            errors[name] = (model(idx, torch.arange(48)) - expected).pow(2).mean().item()
+    assert errors["gptq"] < errors["rtn"], errors
+
+
+def test_quantize_errors(tiny_llama, tmp_path):
+    _, folder = tiny_llama
+    with pytest.raises(ValueError, match="choose from"):
+        qz.main(checkpoint_path=folder, mode="int3")
+    with pytest.raises(ValueError, match="does not divide"):
+        qz.main(checkpoint_path=folder, mode="int4", groupsize=128)  # the tiny model's dim is 64
+    with pytest.raises(FileNotFoundError, match="calibration_file"):
+        qz.main(checkpoint_path=folder, mode="int4-gptq", calibration_file=tmp_path / "none.txt")
+    int8 = qz.main(checkpoint_path=folder, mode="int8", output=tmp_path / "q" / "model_int8.pth")
+    with pytest.raises(ValueError, match="already quantized"):
+        qz.main(checkpoint_path=int8, mode="int4")
