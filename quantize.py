@@ -311,7 +311,7 @@ def main(*, checkpoint_path: Path, mode: str, groupsize: int = 32, calibration_f
     """Quantize the float checkpoint at checkpoint_path; return the written weights file."""
     from tqdm import tqdm
 
-    from checkpoint import checkpoint_files, load_state_dict, read_config, save_checkpoint
+    from checkpoint import build_model, checkpoint_files, load_state_dict, read_config, save_checkpoint
     from generate import load_model
     from tokenizer import get_tokenizer
 
@@ -326,10 +326,7 @@ def main(*, checkpoint_path: Path, mode: str, groupsize: int = 32, calibration_f
     if fmt.get("quantization"):
         raise ValueError(f"{weights} is already quantized ({fmt['quantization']}); quantize a float checkpoint")
     sd = {k: v.float() for k, v in load_state_dict(weights).items()}
-    with torch.device("meta"):
-        from model import Transformer
-
-        names = quantized_module_names(Transformer(args))
+    names = quantized_module_names(build_model(args, {}))
     gs = None if mode == "int8" else groupsize
     if gs is not None:
         bad = [n for n in names if sd[f"{n}.weight"].size(1) % gs]
@@ -350,9 +347,6 @@ def main(*, checkpoint_path: Path, mode: str, groupsize: int = 32, calibration_f
             gptq[name] = gptq_quantize(sd[f"{name}.weight"], H[name], gs, blocksize, percdamp)
     with tqdm(total=len(names), desc=f"quantizing {mode}", file=sys.stderr) as bar:
         qsd = quantize_state_dict(sd, names, "int8" if mode == "int8" else "int4", gs, args.tie_embeddings, gptq, bar)
-    for k, v in qsd.items():  # norms and biases stay float, in the source's float dtype
-        if v.is_floating_point() and not k.endswith(("scales", "scales_and_zeros")):
-            qsd[k] = v.to(torch.float32)
     out = Path(output) if output else weights.parent / output_name(mode, gs)
     quant = {"mode": mode, "groupsize": gs, "embedding": "int8", "output": "int8"}
     new_fmt = dict(fmt, quantization=quant, quantized_from=weights.name)

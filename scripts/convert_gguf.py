@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import save_checkpoint  # noqa: E402
+from convert_hf_checkpoint import layer_names  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
 TENSOR_MAP = {
@@ -88,11 +89,9 @@ def convert_tensors(reader, args: ModelArgs) -> dict:
     """model.py state dict from the GGUF tensors; q, k, v fused into wqkv."""
     tensors = {t.name: t for t in reader.tensors}
     sd = {}
-    for gguf_name, ours in TENSOR_MAP.items():
-        pairs = [(gguf_name.format(i), ours.format(i)) for i in range(args.n_layer)] if "{}" in gguf_name else [(gguf_name, ours)]
-        for src, dst in pairs:
-            if src in tensors:
-                sd[dst] = dequantize(tensors[src])
+    for src, dst in layer_names(TENSOR_MAP, args.n_layer):
+        if src in tensors:
+            sd[dst] = dequantize(tensors[src])
     for i in range(args.n_layer):
         sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
             [dequantize(tensors[f"blk.{i}.attn_{p}.weight"]) for p in "qkv"]

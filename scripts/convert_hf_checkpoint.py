@@ -39,6 +39,15 @@ def hf_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Ten
     return w.view(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(n_heads * head_dim, *rest)
 
 
+def layer_names(table: dict, n_layer: int):
+    """(source, ours) name pairs of a rename table, the `{}` entries expanded for every layer."""
+    for src, dst in table.items():
+        if "{}" in src:
+            yield from ((src.format(i), dst.format(i)) for i in range(n_layer))
+        else:
+            yield src, dst
+
+
 def read_hf_weights(checkpoint_dir: Path) -> dict:
     """All tensors of a Hugging Face folder: safetensors preferred, then pytorch_model*.bin."""
     files = sorted(checkpoint_dir.glob("*.safetensors"))
@@ -63,25 +72,25 @@ def read_hf_weights(checkpoint_dir: Path) -> dict:
 
 def convert_state_dict(hf: dict, args: ModelArgs) -> dict:
     """Rename, fuse and permute a Hugging Face state dict into model.py's names."""
-    sd = {}
+    sd, used = {}, set()
     for i in range(args.n_layer):
         prefix = f"model.layers.{i}.self_attn."
         for kind in ("weight", "bias"):
-            parts = [hf.get(f"{prefix}{p}.{kind}") for p in QKV]
-            if parts[0] is None:
+            names = [f"{prefix}{p}.{kind}" for p in QKV]
+            if names[0] not in hf:
                 continue
-            q, k, v = parts
+            q, k, v = (hf[n] for n in names)
+            used.update(names)
             q = hf_to_interleaved(q, args.n_head, args.head_dim)
             k = hf_to_interleaved(k, args.n_kv_heads, args.head_dim)
             sd[f"layers.{i}.attention.wqkv.{kind}"] = torch.cat([q, k, v])
-    for hf_name, ours in WEIGHT_MAP.items():
-        names = [(hf_name.format(i), ours.format(i)) for i in range(args.n_layer)] if "{}" in hf_name else [(hf_name, ours)]
-        for src, dst in names:
-            if src in hf:
-                sd[dst] = hf[src]
+    for src, dst in layer_names(WEIGHT_MAP, args.n_layer):
+        if src in hf:
+            sd[dst] = hf[src]
+            used.add(src)
     if args.tie_embeddings or "output.weight" not in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]  # the same tensor: stored once by torch.save
-    unused = sorted(k for k in set(hf) - set(to_hf_state_dict(sd, args)) if not k.endswith("rotary_emb.inv_freq"))
+    unused = sorted(k for k in set(hf) - used if not k.endswith("rotary_emb.inv_freq"))
     if unused:
         raise ValueError(f"the checkpoint has weights this model does not use, e.g. {unused[:3]}; refusing to drop them")
     return sd
@@ -107,10 +116,8 @@ def to_hf_state_dict(sd: dict, args: ModelArgs) -> dict:
             hf[f"{prefix}q_proj.{kind}"] = interleaved_to_hf(q, args.n_head, args.head_dim)
             hf[f"{prefix}k_proj.{kind}"] = interleaved_to_hf(k, args.n_kv_heads, args.head_dim)
             hf[f"{prefix}v_proj.{kind}"] = v
-    for hf_name, ours in WEIGHT_MAP.items():
-        names = [(hf_name.format(i), ours.format(i)) for i in range(args.n_layer)] if "{}" in hf_name else [(hf_name, ours)]
-        for dst, src in names:
-            hf[dst] = sd[src]
+    for dst, src in layer_names(WEIGHT_MAP, args.n_layer):
+        hf[dst] = sd[src]
     return hf
 
 
