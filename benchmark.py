@@ -1,30 +1,45 @@
-"""Measure decoding speed: fastllama compiled and eager, against transformers' generate on the same weights.
+"""Measure fastllama's speed at each precision, side by side with transformers and llama.cpp on the same weights.
 
-    python benchmark.py --precisions fp32,bf16 --compare transformers
+    python benchmark.py --precisions fp32,bf16,int8,int4 --compare transformers,llama.cpp
 
-For each precision it runs greedy generation of --max_new_tokens tokens after a --prompt_tokens prompt,
---runs times, and reports medians: time to first token, decode tokens/s (after the first token) and
-memory bandwidth achieved (bytes of weights x tokens/s). The transformers model is built from our
-checkpoint (scripts/convert_hf_checkpoint.to_hf_state_dict), so both sides run the same weights.
-Prints a markdown table and writes JSON with --json.
+For each precision and system: prefill tokens/s of a --prompt_tokens prompt, time to first token,
+decode tokens/s at batch 1 and at --batch_size, the weight bandwidth that decode speed implies (bytes
+of weights read per token x tokens/s) next to the machine's own copy bandwidth measured in the same
+run, peak memory and compile time; medians of --runs runs after a warm-up. Every row runs in its own
+process, so peak memory is that row's alone.
+
+Precisions: fp32 and bf16 run the float checkpoint; int8 and int4 (group 32) run quantize.py's
+checkpoints beside it (made on first use), with float32 activations on CPU (the int8/int4 kernels
+work in float32; bf16 would only add conversions) and bf16 on CUDA.
+transformers runs the float precisions from the same weights (convert_hf_checkpoint.to_hf_state_dict).
+llama.cpp (through llama-cpp-python, an optional dependency: `pip install llama-cpp-python`) runs GGUF
+files made from the same checkpoint: F32 / BF16 written by scripts/convert_gguf.export_gguf, Q8_0 and
+Q4_1 quantized from the F32 file by llama.cpp itself (embedding and output kept Q8_0, as our int4).
+Prints a markdown table; --json writes the rows.
 """
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from checkpoint import load_state_dict, read_config
+from checkpoint import checkpoint_files, load_state_dict, read_config
 from generate import (DEFAULT_CHECKPOINT, PRECISIONS, compile_step, decode_one_token, generate, load_model,
-                      model_size_bytes, resolve_device, run_cli)
+                      model_size_bytes, peak_memory_bytes, resolve_device, run_cli)
 from tokenizer import get_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+from convert_gguf import export_gguf  # noqa: E402
 from convert_hf_checkpoint import to_hf_config, to_hf_state_dict  # noqa: E402
 
+BENCH_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
+SYSTEMS = ("transformers", "llama.cpp")
+QUANTIZED = {"int8": ("int8", None), "int4": ("int4", 32)}  # precision -> quantize.py (mode, groupsize)
+LLAMA_CPP_TYPES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_1"}
 TEXT = ("The history of computing is a story of people who wanted to calculate faster than they could by hand. "
         "From the abacus to mechanical calculators, from punched cards to transistors, each step made machines "
         "smaller, cheaper and more capable. ")
@@ -38,8 +53,21 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
+def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """The machine's memory bandwidth in GB/s: bytes read + written by a large tensor copy (best of repeats)."""
+    n = int(gib * 2**30) // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best / 1e9
+
+
 def timed_generate(run, n_new: int) -> tuple[float, float]:
-    """(time to first token s, decode tokens/s) of run(callback), which must produce n_new tokens."""
+    """(time to first token s, decode tokens/s after it) of run(callback), which must call back n_new times."""
     marks = []
     t0 = time.perf_counter()
     run(lambda _tok: marks.append(time.perf_counter()))
@@ -48,29 +76,67 @@ def timed_generate(run, n_new: int) -> tuple[float, float]:
     return marks[0] - t0, (n_new - 1) / (t1 - marks[0])
 
 
-def bench_ours(checkpoint, device, precision, ids, n_new, runs, compiled) -> dict:
-    model = load_model(checkpoint, device, precision)
-    model.setup_caches(1, len(ids) + n_new)
-    step = compile_step(decode_one_token, device) if compiled else decode_one_token
-    x = torch.tensor([ids], device=device)
-
-    def run(cb):
-        generate(model, x, n_new, temperature=0.0, decode_step=step, callback=cb)
-
-    t0 = time.perf_counter()
-    run(lambda _: None)  # warm-up; compiles when compiled
-    warm = time.perf_counter() - t0
+def median_runs(run, n_new: int, runs: int) -> tuple[float, float]:
     results = [timed_generate(run, n_new) for _ in range(runs)]
-    size = model_size_bytes(model)
-    return summarize(results, size, compile_s=warm if compiled else None)
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
 
 
-def bench_transformers(checkpoint, device, precision, ids, n_new, runs) -> dict:
+# ---- the systems; each returns one row's measurements ------------------------------------------------------
+
+def is_fresh(made: Path, source: Path) -> bool:
+    """True if a file derived from source exists and is newer than it (else it is made again)."""
+    return made.is_file() and made.stat().st_mtime >= source.stat().st_mtime
+
+
+def checkpoint_for(checkpoint: Path, precision: str) -> Path:
+    """The weights file a precision runs: the float checkpoint, or its quantized twin (made if missing)."""
+    weights, _ = checkpoint_files(checkpoint)
+    if precision not in QUANTIZED:
+        return weights
+    import quantize
+
+    mode, groupsize = QUANTIZED[precision]
+    out = weights.parent / quantize.output_name(mode, groupsize)
+    if not is_fresh(out, weights):
+        print(f"quantizing {weights} to {out.name} ...", file=sys.stderr, flush=True)
+        quantize.main(checkpoint_path=weights, mode=mode, groupsize=groupsize or 32, output=out)
+    return out
+
+
+def bench_fastllama(checkpoint, device, precision, ids, n_new, runs, batch_size, compiled) -> dict:
+    path = checkpoint_for(checkpoint, precision)
+    activations = ("bf16" if device.type == "cuda" else "fp32") if precision in QUANTIZED else precision
+    model = load_model(path, device, activations)
+    step = compile_step(decode_one_token, device) if compiled else decode_one_token
+    row = {"weights_file": path.name, "activations": activations}
+    for b in (1, batch_size):
+        x = torch.tensor([ids] * b, device=device)
+        model.setup_caches(b, len(ids) + n_new)
+
+        def run(cb):
+            generate(model, x, n_new, temperature=0.0, decode_step=step, callback=cb)
+
+        t0 = time.perf_counter()
+        run(lambda _: None)  # warm-up; compiles the decode step for this batch size
+        warm = time.perf_counter() - t0
+        ttft, tps = median_runs(run, n_new, runs)
+        if b == 1:
+            row.update(ttft_ms=ttft * 1e3, prefill_tok_s=len(ids) / ttft, decode_tok_s=tps,
+                       compile_s=warm if compiled else None)
+        else:
+            row["decode_batch_tok_s"] = tps * b
+    row["weights_gb"] = model_size_bytes(model) / 1e9
+    row["peak_memory_gb"] = peak_memory_bytes(device) / 1e9
+    return row
+
+
+def bench_transformers(checkpoint, device, precision, ids, n_new, runs, batch_size) -> dict:
     import transformers
 
+    if precision in QUANTIZED:
+        raise ValueError("transformers runs the float precisions only")
     args, _ = read_config(checkpoint)
-    cfg = to_hf_config(args)
-    config = transformers.AutoConfig.for_model(**cfg)
+    config = transformers.AutoConfig.for_model(**to_hf_config(args))
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=PRECISIONS[precision])
     sd = to_hf_state_dict(load_state_dict(checkpoint), args)
     if args.tie_embeddings:
@@ -78,9 +144,8 @@ def bench_transformers(checkpoint, device, precision, ids, n_new, runs) -> dict:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     model = model.to(device).eval()
-    x = torch.tensor([ids], device=device)
 
-    class Callback(transformers.generation.streamers.BaseStreamer):
+    class Streamer(transformers.generation.streamers.BaseStreamer):
         def __init__(self, cb):
             self.cb, self.first = cb, True
 
@@ -93,75 +158,183 @@ def bench_transformers(checkpoint, device, precision, ids, n_new, runs) -> dict:
         def end(self):
             pass
 
+    row = {}
+    for b in (1, batch_size):
+        x = torch.tensor([ids] * b, device=device)
+
+        def run(cb):
+            with torch.no_grad():
+                model.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                               streamer=Streamer(cb), pad_token_id=0)
+
+        run(lambda _: None)
+        ttft, tps = median_runs(run, n_new, runs)
+        if b == 1:
+            row.update(ttft_ms=ttft * 1e3, prefill_tok_s=len(ids) / ttft, decode_tok_s=tps, compile_s=None)
+        else:
+            row["decode_batch_tok_s"] = tps * b
+    row["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    row["peak_memory_gb"] = peak_memory_bytes(device) / 1e9
+    return row
+
+
+def llama_cpp_gguf(checkpoint: Path, precision: str) -> Path:
+    """The GGUF llama.cpp runs for a precision, made from our float checkpoint on first use (in gguf/)."""
+    import llama_cpp
+
+    if precision not in LLAMA_CPP_TYPES:
+        raise ValueError(f"no llama.cpp type for {precision}; llama.cpp rows: {', '.join(LLAMA_CPP_TYPES)}")
+    weights, _ = checkpoint_files(checkpoint)
+    folder = weights.parent / "gguf"
+    folder.mkdir(exist_ok=True)
+    kind = LLAMA_CPP_TYPES[precision]
+    out = folder / f"{weights.stem}-{kind}.gguf"
+    if is_fresh(out, weights):
+        return out
+    if kind in ("F32", "BF16"):
+        return export_gguf(weights, out, kind)
+    f32 = llama_cpp_gguf(checkpoint, "fp32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[kind]
+    params.output_tensor_type = params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
+    params.nthread = torch.get_num_threads()
+    if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {f32} to {kind}")
+    return out
+
+
+def bench_llama_cpp(checkpoint, device, precision, ids, n_new, runs, batch_size) -> dict:
+    import llama_cpp
+
+    if device.type != "cpu":
+        raise ValueError("the llama.cpp comparison runs on the CPU build of llama-cpp-python")
+    path = llama_cpp_gguf(checkpoint, precision)
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(str(path), n_ctx=len(ids) + n_new + 8, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+
     def run(cb):
-        with torch.no_grad():
-            model.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, streamer=Callback(cb),
-                           pad_token_id=0)
+        llm.reset()
+        for i, tok in enumerate(llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True)):
+            cb(tok)
+            if i + 1 == n_new:
+                break
 
     run(lambda _: None)
-    results = [timed_generate(run, n_new) for _ in range(runs)]
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return summarize(results, size, compile_s=None)
+    ttft, tps = median_runs(run, n_new, runs)
+    return {"weights_file": path.name, "ttft_ms": ttft * 1e3, "prefill_tok_s": len(ids) / ttft, "decode_tok_s": tps,
+            "decode_batch_tok_s": None, "compile_s": None, "weights_gb": path.stat().st_size / 1e9,
+            "peak_memory_gb": peak_memory_bytes(device) / 1e9}
 
 
-def summarize(results, size_bytes, compile_s) -> dict:
-    ttft = statistics.median(r[0] for r in results)
-    tps = statistics.median(r[1] for r in results)
-    return {"ttft_ms": ttft * 1000, "decode_tok_s": tps, "bandwidth_gb_s": size_bytes * tps / 1e9,
-            "weights_gb": size_bytes / 1e9, "compile_s": compile_s, "runs": len(results)}
+def worker(spec: dict) -> dict:
+    """One row, in this process: spec names system, precision and the shared settings."""
+    device = resolve_device(spec["device"])
+    torch.manual_seed(0)
+    args = (Path(spec["checkpoint"]), device, spec["precision"], spec["ids"], spec["max_new_tokens"], spec["runs"],
+            spec["batch_size"])
+    system = spec["system"]
+    if system.startswith("fastllama"):
+        return bench_fastllama(*args, compiled=system == "fastllama --compile")
+    return {"transformers": bench_transformers, "llama.cpp": bench_llama_cpp}[system](*args)
 
 
-def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = None, precisions: str = "fp32,bf16",
-         compare: str | None = None, prompt_tokens: int = 32, max_new_tokens: int = 128, runs: int = 3,
-         json_path: Path | None = None) -> list[dict]:
-    """Benchmark each precision; print a markdown table; return (and optionally save) the rows."""
+# ---- the command ---------------------------------------------------------------------------------------
+
+def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = None, precisions: str = "fp32,bf16,int8,int4",
+         compare: str | None = None, eager: bool = False, prompt_tokens: int = 256, max_new_tokens: int = 128,
+         batch_size: int = 4, runs: int = 3, json_path: Path | None = None, worker_spec: str | None = None) -> list[dict]:
+    """Benchmark each precision and system; print a markdown table; return (and optionally save) the rows."""
+    if worker_spec is not None:
+        print(json.dumps(worker(json.loads(worker_spec))))
+        return []
     dev = resolve_device(device)
     names = [p.strip() for p in precisions.split(",") if p.strip()]
-    bad = [p for p in names if p not in PRECISIONS]
+    bad = [p for p in names if p not in BENCH_PRECISIONS]
     if bad or not names:
-        raise ValueError(f"unknown precision(s) {bad}; choose from {', '.join(PRECISIONS)}")
-    if compare not in (None, "transformers"):
-        raise ValueError(f"--compare {compare!r} is not supported; supported: transformers")
-    ids = prompt_ids(get_tokenizer(checkpoint_path), prompt_tokens)
-    torch.manual_seed(0)
+        raise ValueError(f"unknown precision(s) {bad}; choose from {', '.join(BENCH_PRECISIONS)}")
+    others = [s.strip() for s in (compare or "").split(",") if s.strip()]
+    if any(s not in SYSTEMS for s in others):
+        raise ValueError(f"--compare {compare!r}: choose from {', '.join(SYSTEMS)} (comma-separated)")
+    if "llama.cpp" in others:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise ValueError("--compare llama.cpp needs llama-cpp-python: pip install llama-cpp-python") from None
+    if batch_size < 2:
+        raise ValueError(f"--batch_size {batch_size}: use 2 or more (batch 1 is always measured)")
+    weights, _ = checkpoint_files(checkpoint_path)
+    ids = prompt_ids(get_tokenizer(weights), prompt_tokens)
+    stream = copy_bandwidth()
+    print(f"memory copy bandwidth: {stream:.1f} GB/s", file=sys.stderr)
+    systems = ["fastllama --compile"] + (["fastllama eager"] if eager else []) + others
     rows = []
     for precision in names:
-        systems = [("fastllama --compile", lambda: bench_ours(checkpoint_path, dev, precision, ids, max_new_tokens, runs, True)),
-                   ("fastllama eager", lambda: bench_ours(checkpoint_path, dev, precision, ids, max_new_tokens, runs, False))]
-        if compare == "transformers":
-            systems.append(("transformers generate",
-                            lambda: bench_transformers(checkpoint_path, dev, precision, ids, max_new_tokens, runs)))
-        for system, fn in systems:
+        for system in systems:
+            if (system == "transformers" and precision in QUANTIZED) or (system == "llama.cpp" and precision not in LLAMA_CPP_TYPES):
+                continue
             print(f"running {system} {precision} ...", file=sys.stderr, flush=True)
-            rows.append({"system": system, "precision": precision, "device": str(dev),
-                         "threads": torch.get_num_threads(), **fn()})
-    print_table(rows, prompt_tokens, max_new_tokens)
+            spec = {"system": system, "precision": precision, "checkpoint": str(weights), "device": str(dev),
+                    "ids": ids, "max_new_tokens": max_new_tokens, "runs": runs, "batch_size": batch_size}
+            row = {"system": system, "precision": precision, "device": str(dev), "threads": torch.get_num_threads(),
+                   "batch_size": batch_size, "copy_bandwidth_gb_s": stream}
+            row.update(run_worker(spec))
+            if "decode_tok_s" in row:
+                row["bandwidth_gb_s"] = row["weights_gb"] * row["decode_tok_s"]
+            rows.append(row)
+    print_table(rows, prompt_tokens, max_new_tokens, batch_size, stream)
     if json_path is not None:
-        json_path.write_text(json.dumps(rows, indent=2) + "\n")
+        Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
 
-def print_table(rows, prompt_tokens, max_new_tokens) -> None:
-    print(f"\nprompt {prompt_tokens} tokens, {max_new_tokens} new tokens, batch 1, greedy; medians\n")
-    print("| precision | system | decode tok/s | vs compiled | time to first token (ms) | bandwidth (GB/s) | compile (s) |")
-    print("|---|---|---|---|---|---|---|")
+def run_worker(spec: dict) -> dict:
+    """Run one row in a fresh Python process; its last stdout line is the row's JSON."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker_spec", json.dumps(spec)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        return {"error": f"exit code {proc.returncode} (its stderr is above)"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows, prompt_tokens, max_new_tokens, batch_size, stream) -> None:
+    def num(v, fmt=".1f"):
+        return "-" if v is None else format(v, fmt)
+
+    print(f"\nprompt {prompt_tokens} tokens, {max_new_tokens} new tokens, greedy, {rows[0]['threads'] if rows else '?'} "
+          f"threads; medians; memory copy bandwidth {stream:.1f} GB/s\n")
+    print(f"| precision | system | prefill tok/s | first token ms | decode tok/s | decode tok/s batch {batch_size} "
+          "| GB/s | of copy bw | peak GB | compile s | vs llama.cpp | vs transformers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = next(x for x in rows if x["precision"] == r["precision"] and x["system"] == "fastllama --compile")
-        compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"
-        print(f"| {r['precision']} | {r['system']} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} "
-              f"| {r['ttft_ms']:.0f} | {r['bandwidth_gb_s']:.1f} | {compile_s} |")
+        if "error" in r:
+            print(f"| {r['precision']} | {r['system']} | failed: {r['error']} |||||||||")
+            continue
+        ratios = []
+        for other in SYSTEMS:
+            ref = next((x for x in rows if x["precision"] == r["precision"] and x["system"] == other
+                        and "decode_tok_s" in x), None)
+            ratios.append(f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref and r["system"].startswith("fastllama") else "-")
+        print(f"| {r['precision']} | {r['system']} | {num(r['prefill_tok_s'])} | {num(r['ttft_ms'], '.0f')} "
+              f"| {num(r['decode_tok_s'])} | {num(r.get('decode_batch_tok_s'))} | {num(r['bandwidth_gb_s'])} "
+              f"| {r['bandwidth_gb_s'] / stream:.0%} | {num(r['peak_memory_gb'], '.2f')} | {num(r['compile_s'], '.0f')} "
+              f"| {ratios[1]} | {ratios[0]} |")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Benchmark decoding speed of a fastllama checkpoint.")
-    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT, help="model.pth or its folder")
+    p = argparse.ArgumentParser(description="Benchmark a fastllama checkpoint, optionally against transformers and llama.cpp.")
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT, help="float model.pth or its folder")
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--precisions", type=str, default="fp32,bf16", help="comma-separated: bf16, fp16, fp32")
-    p.add_argument("--compare", choices=["transformers"], default=None, help="also run this system on the same weights")
-    p.add_argument("--prompt_tokens", type=int, default=32, help="prompt length in tokens")
+    p.add_argument("--precisions", type=str, default="fp32,bf16,int8,int4",
+                   help=f"comma-separated from {', '.join(BENCH_PRECISIONS)} (int4 = group size 32)")
+    p.add_argument("--compare", type=str, default=None, help="comma-separated: transformers, llama.cpp")
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=False, help="also run fastllama without compile")
+    p.add_argument("--prompt_tokens", type=int, default=256, help="prompt length in tokens (prefill)")
     p.add_argument("--max_new_tokens", type=int, default=128, help="tokens generated per run")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per system (after one warm-up)")
+    p.add_argument("--batch_size", type=int, default=4, help="the batch size measured besides batch 1")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per row (after one warm-up)")
     p.add_argument("--json", dest="json_path", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--worker_spec", type=str, default=None, help=argparse.SUPPRESS)
     return p
 
 

@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import kernels
+
 MODES = ("int8", "int4", "int4-gptq")
 GROUPSIZES = (32, 64, 128, 256)
 
@@ -39,15 +41,17 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
-def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
-    return q.float() * scales.float()[:, None]
+dequantize_int8 = kernels.dequantize_int8  # (q, scales (N,) or (N, G)) -> float weight
 
 
 def int4_params(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row asymmetric int4 scale and zero for w (N, g): w ~= (q - 8) * s + z."""
+    """Per-row asymmetric int4 scale and zero for w (N, g): w ~= (q - 8) * s + z.
+
+    s and the minimum z - 8 s are float16 values, so the CPU kernel's float16 (d, m) = (s, z - 8 s) hold
+    them exactly (GGUF Q4_1 stores the same pair)."""
     lo, hi = w.amin(dim=1), w.amax(dim=1)
-    scales = ((hi - lo) / 15).clamp(min=1e-10)
-    return scales, lo + 8 * scales
+    scales = ((hi - lo) / 15).clamp(min=1e-7).half().float()
+    return scales, lo.half().float() + 8 * scales
 
 
 def quantize_int4(w: Tensor, groupsize: int) -> tuple[Tensor, Tensor]:
@@ -80,36 +84,60 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 # ---- modules the loader builds from a quantized checkpoint ------------------------------------------------
 
-class Int8Linear(nn.Module):
-    """y = x @ (q * s).T with torch's int8 weight-only kernel."""
+def kernel_for(device: torch.device, in_features: int) -> str:
+    """Which kernel a quantized layer uses: "cpp" (kernels.cpp), "cuda" (torch's) or "torch" (dequantize)."""
+    if device.type == "cuda":
+        return "cuda"
+    if device.type == "cpu" and in_features % 64 == 0 and kernels.cpu_kernels():
+        return "cpp"
+    return "torch"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * s).T; scales (N,) per channel or (N, K // groupsize) per group (GGUF Q8_0)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, groupsize: int | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(out_features))
+        shape = (out_features,) if groupsize is None else (out_features, in_features // groupsize)
+        self.register_buffer("scales", torch.empty(shape))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.kernel = None  # set by prepare() once the module is on its device
+
+    def prepare(self) -> None:
+        self.kernel = kernel_for(self.weight.device, self.in_features)
+        if self.kernel == "cuda" and self.scales.dim() == 2:
+            self.kernel = "torch"  # torch's CUDA int8 kernel is per channel only
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "cuda":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
+        else:
+            scales = self.scales.float().view(self.out_features, -1)
+            y = kernels.int8_linear(x2, self.weight, scales, self.kernel == "cpp")
         y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
 
 class Int8Embedding(nn.Module):
-    """Embedding rows stored as int8 with one scale per row."""
+    """Embedding rows stored as int8 with one scale per row, or per group of a row (GGUF Q8_0)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int):
+    def __init__(self, num_embeddings: int, embedding_dim: int, groupsize: int | None = None):
         super().__init__()
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
-        self.register_buffer("scales", torch.empty(num_embeddings))
+        shape = (num_embeddings,) if groupsize is None else (num_embeddings, embedding_dim // groupsize)
+        self.register_buffer("scales", torch.empty(shape))
 
     def forward(self, idx: Tensor) -> Tensor:
-        return F.embedding(idx, self.weight).to(self.scales.dtype) * self.scales[idx, None]
+        rows = F.embedding(idx, self.weight).to(self.scales.dtype)  # (..., D)
+        s = self.scales[idx].view(*idx.shape, -1, 1)  # (..., G, 1)
+        return (rows.view(*idx.shape, s.size(-2), -1) * s).view(rows.shape)
 
 
 class Int4Linear(nn.Module):
-    """y = x @ dequant(q).T with torch's int4 kernels; `weight` is repacked for the device by prepare()."""
+    """y = x @ dequant(q).T; `weight` is repacked for the device's kernel by prepare()."""
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, bias: bool = False):
         super().__init__()
@@ -117,26 +145,33 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.kernel = None  # "cpu" or "cuda" once prepare() has packed the weight
+        self.kernel = None  # set by prepare(), which packs `weight` for it
 
     def prepare(self) -> None:
         """Repack the device-independent nibbles into the layout of this device's int4 kernel."""
         if self.kernel is not None:
             return
         q = unpack_int4(self.weight)
-        if self.weight.device.type == "cuda":
+        kernel = kernel_for(self.weight.device, self.in_features)
+        if kernel == "cpp":  # (d, m) = (s, z - 8 s) per group, float16 (quantize_int4 makes them exact)
+            s, z = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, G) each
+            self.weight = kernels.int4_to_kernel(q)
+            self.scales_and_zeros = torch.stack([s, z - 8 * s], dim=-1).half().contiguous()
+        elif kernel == "cuda":
             self.weight = torch.ops.aten._convert_weight_to_int4pack(pack_int4(q).contiguous(), 8)
         else:
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        self.kernel = self.weight.device.type
+        self.kernel = kernel
 
     def forward(self, x: Tensor) -> Tensor:
         assert self.kernel is not None, "Int4Linear.prepare() must run after the module is on its device"
         x2 = x.reshape(-1, self.in_features)
-        sz = self.scales_and_zeros.to(x.dtype)
-        if self.kernel == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, sz)
+        if self.kernel == "cpp":
+            y = kernels.int4_linear(x2, self.weight, self.scales_and_zeros, use_kernel=True)
+        elif self.kernel == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, self.scales_and_zeros.to(x.dtype))
         else:
+            sz = self.scales_and_zeros.to(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.groupsize, sz)
         y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
@@ -152,17 +187,18 @@ def swap_modules(model: nn.Module, quantization: dict) -> None:
     mode = quantization["mode"]
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r} in the checkpoint config; known: {', '.join(MODES)}")
+    g8 = quantization.get("int8_groupsize")  # None: int8 scales per channel; 32: per block (GGUF Q8_0)
     for name in quantized_module_names(model) + ["output"]:
         parent, attr = _parent(model, name)
         lin = getattr(parent, attr)
         bias = lin.bias is not None
         if mode == "int8" or name == "output":
-            new = Int8Linear(lin.in_features, lin.out_features, bias)
+            new = Int8Linear(lin.in_features, lin.out_features, bias, g8)
         else:
             new = Int4Linear(lin.in_features, lin.out_features, quantization["groupsize"], bias)
         setattr(parent, attr, new)
     emb = model.tok_embeddings
-    model.tok_embeddings = Int8Embedding(emb.num_embeddings, emb.embedding_dim)
+    model.tok_embeddings = Int8Embedding(emb.num_embeddings, emb.embedding_dim, g8)
 
 
 def tie_quantized(model: nn.Module) -> None:
@@ -172,8 +208,9 @@ def tie_quantized(model: nn.Module) -> None:
 
 
 def prepare(model: nn.Module) -> None:
+    """Pick each quantized layer's kernel for the device it is on (and repack int4 weights for it)."""
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, (Int8Linear, Int4Linear)):
             m.prepare()
 
 

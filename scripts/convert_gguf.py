@@ -1,7 +1,10 @@
 """Import a llama-architecture GGUF file (llama.cpp's format) as a fastllama float checkpoint.
 
 Tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, ...) are read with the `gguf` package and dequantized to
-float32; GGUF already stores q/k in the adjacent-pairs rotary layout model.py uses, so no permute.
+float32 into model.pth; GGUF already stores q/k in the adjacent-pairs rotary layout model.py uses, so no
+permute. When every linear layer is Q4_0/Q4_1 (or every one Q8_0) and the embedding Q8_0, the blocks
+are also copied as they are into model_gguf.pth, an int4 group-32 (or int8) checkpoint for quantize.py's
+modules: the same numbers as the file, no float detour.
 The model config comes from the GGUF metadata; the byte-level BPE tokenizer (vocab, merges, special
 tokens, pre-tokenizer) and the chat template are written as tokenizer.json / tokenizer_config.json.
 
@@ -85,6 +88,96 @@ def dequantize(tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
 
 
+# GGUF block types that map onto our quantized formats without a float detour: bytes per block of 32
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def gguf_blocks(tensor) -> tuple[str, np.ndarray]:
+    """(type name, raw blocks (N, K // 32, bytes per block) uint8) of a Q4_0 / Q4_1 / Q8_0 tensor."""
+    kind = tensor.tensor_type.name
+    N, K = int(tensor.shape[1]), int(tensor.shape[0])  # GGUF lists dims innermost first
+    return kind, np.asarray(tensor.data, dtype=np.uint8).reshape(N, K // 32, BLOCK_BYTES[kind])
+
+
+def _halves(raw: np.ndarray, offset: int) -> torch.Tensor:
+    """The float16 field at byte offset of every block, as float32 (N, K // 32)."""
+    return torch.from_numpy(np.ascontiguousarray(raw[..., offset:offset + 2]).view(np.float16)[..., 0].astype(np.float32))
+
+
+def q4_blocks_to_int4(tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q4_0 / Q4_1 tensor as our int4 group-32 pair (packed q (N, K // 2), scales_and_zeros (K // 32, N, 2)).
+
+    Q4_1 stores w = q * d + m, Q4_0 w = (q - 8) * d; ours is w = (q - 8) * s + z, so s = d and
+    z = m + 8 d (Q4_1) or 0 (Q4_0): the same numbers, no rounding. In a block, byte j holds element j
+    in its low nibble and element j + 16 in its high nibble.
+    """
+    from quantize import pack_int4
+
+    kind, raw = gguf_blocks(tensor)
+    N, B = raw.shape[:2]
+    d = _halves(raw, 0)
+    m = _halves(raw, 2) if kind == "Q4_1" else -8 * d
+    qs = torch.from_numpy(np.ascontiguousarray(raw[..., -16:]))  # (N, B, 16)
+    q = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(N, B * 32)  # (N, K)
+    sz = torch.stack([d, m + 8 * d], dim=-1).transpose(0, 1).contiguous()  # (B, N, 2)
+    return pack_int4(q), sz
+
+
+def q8_blocks_to_int8(tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 tensor as int8 q (N, K) and per-block scales (N, K // 32): w = q * d, exactly."""
+    _, raw = gguf_blocks(tensor)
+    N, B = raw.shape[:2]
+    q = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).view(np.int8)).reshape(N, B * 32)
+    return q, _halves(raw, 0)
+
+
+def quantized_layout(reader) -> dict | None:
+    """The quantization entry for importing a GGUF without dequantizing, or None if its types don't allow it.
+
+    Every linear layer must be Q4_0/Q4_1 (-> int4 group 32) or every one Q8_0 (-> int8 per block of 32),
+    and the embedding / output layer Q8_0 (our int4 checkpoints keep those int8, as such files do)."""
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    layers = {k for n, k in kinds.items() if n.startswith("blk.") and not n.endswith("norm.weight")}
+    ends = {kinds.get("token_embd.weight"), kinds.get("output.weight", "Q8_0")}
+    if ends != {"Q8_0"}:
+        return None
+    if layers <= {"Q4_0", "Q4_1"}:
+        return {"mode": "int4", "groupsize": 32, "int8_groupsize": 32, "embedding": "int8", "output": "int8"}
+    if layers == {"Q8_0"}:
+        return {"mode": "int8", "groupsize": None, "int8_groupsize": 32, "embedding": "int8", "output": "int8"}
+    return None
+
+
+def convert_quantized_tensors(reader, args: ModelArgs, quantization: dict) -> dict:
+    """Our quantized state dict straight from the GGUF blocks (see quantized_layout)."""
+    tensors = {t.name: t for t in reader.tensors}
+    sd = {}
+
+    def linear(dst: str, srcs: list[str]) -> None:
+        if quantization["mode"] == "int4":
+            parts = [q4_blocks_to_int4(tensors[s]) for s in srcs]
+            sd[f"{dst}.weight"] = torch.cat([p[0] for p in parts])
+            sd[f"{dst}.scales_and_zeros"] = torch.cat([p[1] for p in parts], dim=1)
+        else:
+            parts = [q8_blocks_to_int8(tensors[s]) for s in srcs]
+            sd[f"{dst}.weight"], sd[f"{dst}.scales"] = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    for src, dst in layer_names(TENSOR_MAP, args.n_layer):
+        if src not in tensors:
+            continue
+        if src.endswith("norm.weight"):
+            sd[dst] = dequantize(tensors[src])
+        elif src in ("token_embd.weight", "output.weight"):
+            sd[dst], sd[dst.replace(".weight", ".scales")] = q8_blocks_to_int8(tensors[src])
+        else:
+            linear(dst.removesuffix(".weight"), [src])
+    for i in range(args.n_layer):
+        linear(f"layers.{i}.attention.wqkv", [f"blk.{i}.attn_{p}.weight" for p in "qkv"])
+    if args.tie_embeddings:
+        sd["output.weight"], sd["output.scales"] = sd["tok_embeddings.weight"], sd["tok_embeddings.scales"]
+    return sd
+
+
 def convert_tensors(reader, args: ModelArgs) -> dict:
     """model.py state dict from the GGUF tensors; q, k, v fused into wqkv."""
     tensors = {t.name: t for t in reader.tensors}
@@ -148,8 +241,11 @@ def build_tokenizer_config(meta: dict) -> dict:
     }
 
 
+GGUF_WEIGHTS = "model_gguf.pth"  # the file's own int4 / int8 weights, when its block types allow
+
+
 def convert_gguf(gguf_file: Path, checkpoint_dir: Path) -> Path:
-    """Write model.pth, model_config.json and tokenizer files for gguf_file into checkpoint_dir."""
+    """Write model.pth (float32), model_gguf.pth (the file's quantized blocks, when it can) and tokenizer files."""
     from gguf import GGUFReader
 
     gguf_file = Path(gguf_file)
@@ -166,7 +262,96 @@ def convert_gguf(gguf_file: Path, checkpoint_dir: Path) -> Path:
     qtypes = sorted({t.tensor_type.name for t in reader.tensors})
     fmt = {"dtype": "float32", "source": "gguf", "gguf_file": gguf_file.name, "gguf_tensor_types": qtypes,
            "name": re.sub(r"\s+", " ", str(meta.get("general.name", "")))}
-    return save_checkpoint(checkpoint_dir, sd, args, fmt)
+    weights = save_checkpoint(checkpoint_dir, sd, args, fmt)
+    quantization = quantized_layout(reader)
+    if quantization is not None:  # the file's own quantized weights too, as model_gguf.pth
+        qsd = convert_quantized_tensors(reader, args, quantization)
+        save_checkpoint(checkpoint_dir, qsd, args, dict(fmt, quantization=quantization), weights_name=GGUF_WEIGHTS)
+    return weights
+
+
+# ---- export: a float checkpoint as a GGUF that llama.cpp runs (benchmark.py --compare llama.cpp) ----------
+
+EXPORT_TYPES = ("F32", "BF16")
+
+
+def gguf_tokenizer_metadata(folder: Path) -> dict:
+    """tokenizer.ggml.* values from a byte-level BPE tokenizer.json (and tokenizer_config.json)."""
+    tj = json.loads((folder / "tokenizer.json").read_text()) if (folder / "tokenizer.json").is_file() else {}
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(f"GGUF export needs a byte-level BPE tokenizer.json in {folder}; sentencepiece models are not exported")
+    ids = dict(model["vocab"], **{t["content"]: t["id"] for t in tj.get("added_tokens", [])})
+    tokens = [f"[PAD{i}]" for i in range(max(ids.values()) + 1)]
+    for t, i in ids.items():
+        tokens[i] = t
+    special = {t["id"] for t in tj.get("added_tokens", []) if t.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    cfg_file = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    return {"tokens": tokens, "types": [CONTROL_TOKEN if i in special else 1 for i in range(len(tokens))],
+            "merges": merges, "bos": ids.get(cfg.get("bos_token")), "eos": ids.get(cfg.get("eos_token"))}
+
+
+def export_gguf(checkpoint_path: Path, out: Path, dtype: str = "F32") -> Path:
+    """Write a float fastllama checkpoint as a llama GGUF of F32 or BF16 tensors (norms stay F32)."""
+    import gguf
+
+    from checkpoint import checkpoint_files, load_state_dict, read_config
+
+    if dtype not in EXPORT_TYPES:
+        raise ValueError(f"GGUF export type {dtype!r} is not supported; choose from {', '.join(EXPORT_TYPES)}")
+    weights, _ = checkpoint_files(checkpoint_path)
+    args, fmt = read_config(weights)
+    if fmt.get("quantization"):
+        raise ValueError(f"{weights} is quantized; export its float checkpoint (llama.cpp quantizes that itself)")
+    if args.rope_scaling or args.attention_bias or args.sliding_window:
+        raise ValueError("GGUF export covers plain llama models only (no rope scaling, qkv bias or sliding window)")
+    tok = gguf_tokenizer_metadata(weights.parent)
+    sd = load_state_dict(weights)
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name(str(fmt.get("name") or weights.parent.name))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32" else gguf.LlamaFileType.MOSTLY_BF16)
+    w.add_block_count(args.n_layer)
+    w.add_context_length(args.block_size)
+    w.add_embedding_length(args.dim)
+    w.add_feed_forward_length(args.intermediate_size)
+    w.add_head_count(args.n_head)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_key_length(args.head_dim)
+    w.add_value_length(args.head_dim)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_base)
+    w.add_vocab_size(args.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    for key, value in (("bos", tok["bos"]), ("eos", tok["eos"])):
+        if value is not None:
+            getattr(w, f"add_{key}_token_id")(value)
+    tensors = {}
+    for src, dst in layer_names(TENSOR_MAP, args.n_layer):
+        if dst in sd and not (dst == "output.weight" and args.tie_embeddings):
+            tensors[src] = sd[dst]
+    q_rows, kv_rows = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
+    for i in range(args.n_layer):
+        q, k, v = sd[f"layers.{i}.attention.wqkv.weight"].split([q_rows, kv_rows, kv_rows])
+        tensors.update({f"blk.{i}.attn_q.weight": q, f"blk.{i}.attn_k.weight": k, f"blk.{i}.attn_v.weight": v})
+    for name, t in tensors.items():
+        data = t.float().numpy()
+        if dtype == "BF16" and not name.endswith("norm.weight"):
+            w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
+                         raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

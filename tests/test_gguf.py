@@ -7,7 +7,9 @@ from conftest import VOCAB, make_hf_model
 from convert_gguf import convert_gguf
 from convert_hf_checkpoint import hf_to_interleaved
 
+from checkpoint import load_state_dict, read_config
 from generate import generate, load_model
+from quantize import dequantize_state_dict
 from tokenizer import get_tokenizer
 
 PER_TENSOR = {  # a different type on each kind of tensor, so every dequantizer is exercised
@@ -27,7 +29,7 @@ def byte_level_vocab():
     return tokens, [f"{a} {b}" for a, b in pairs]
 
 
-def write_gguf(hf, path):
+def write_gguf(hf, path, types=PER_TENSOR):
     import gguf
 
     c = hf.config
@@ -67,7 +69,7 @@ def write_gguf(hf, path):
             t = hf_to_interleaved(t, H, D)
         if kind == "attn_k":
             t = hf_to_interleaved(t, KV, D)
-        qtype = getattr(gguf.GGMLQuantizationType, PER_TENSOR.get(kind, "F32"))
+        qtype = getattr(gguf.GGMLQuantizationType, types.get(kind, "F32"))
         data = t.numpy().astype(np.float32)
         if qtype != gguf.GGMLQuantizationType.F32:
             data = gguf.quants.quantize(data, qtype)
@@ -103,6 +105,38 @@ def test_gguf_logits_match_transformers_gguf_loader(tiny_gguf):
     n = 12
     expected_tokens = theirs.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, 20:]
     assert generate(ours, idx, n, temperature=0.0)[0].tolist() == expected_tokens.tolist()
+
+
+Q4_FILE = {"token_embd": "Q8_0", "attn_q": "Q4_1", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "Q4_1",
+           "ffn_gate": "Q4_0", "ffn_up": "Q4_1", "ffn_down": "Q4_1", "output": "Q8_0"}  # as llama.cpp's Q4 files
+Q8_FILE = {k: "Q8_0" for k in Q4_FILE}
+
+
+@pytest.mark.parametrize("types, mode", [(Q4_FILE, "int4"), (Q8_FILE, "int8")])
+def test_gguf_blocks_import_without_a_float_detour(tmp_path, types, mode):
+    hf = make_hf_model("llama31_gqa", tmp_path / "hf")
+    hf.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    write_gguf(hf, tmp_path / "q.gguf", types)
+    convert_gguf(tmp_path / "q.gguf", tmp_path / "ours")
+    quant_path, float_path = tmp_path / "ours" / "model_gguf.pth", tmp_path / "ours" / "model.pth"
+    _, fmt = read_config(quant_path)
+    assert fmt["quantization"]["mode"] == mode and fmt["quantization"]["int8_groupsize"] == 32
+    # the int4 / int8 blocks hold exactly the numbers the gguf package's dequantizer gives (model.pth)
+    twin, floats = dequantize_state_dict(load_state_dict(quant_path), fmt["quantization"]), load_state_dict(float_path)
+    assert twin.keys() == floats.keys() and all(torch.equal(twin[k], floats[k]) for k in floats)
+    idx = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
+    quant, ref = load_model(quant_path, "cpu", "fp32"), load_model(float_path, "cpu", "fp32")
+    for m in (quant, ref):
+        m.setup_caches(1, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(quant(idx, torch.arange(20)), ref(idx, torch.arange(20)), rtol=1e-3, atol=1e-3)
+    for m in (quant, ref):
+        m.setup_caches(1, 40)
+    assert generate(quant, idx, 12, temperature=0.0).tolist() == generate(ref, idx, 12, temperature=0.0).tolist()
+
+
+def test_mixed_gguf_imports_as_float_only(tiny_gguf):
+    assert (tiny_gguf / "ours" / "model.pth").is_file() and not (tiny_gguf / "ours" / "model_gguf.pth").exists()
 
 
 def test_gguf_tokenizer_files(tiny_gguf):

@@ -1,0 +1,99 @@
+"""Weight-only int8 / int4 linear kernels: the C++ CPU kernels of kernels.cpp and their PyTorch reference.
+
+kernels.cpp is compiled once per source version with torch.utils.cpp_extension (cached under
+~/.cache/torch_extensions) the first time a quantized model is loaded on an AVX2 CPU; the ops it
+registers, torch.ops.fastllama.int8_linear / int4_linear, are opaque to torch.compile (fake
+implementations below give their shapes). Everywhere else (no AVX2, no compiler,
+FASTLLAMA_KERNELS=0, large batches) the same math runs as plain PyTorch: dequantize, then F.linear.
+
+Weight layouts (the kernels' own; quantize.py converts its device-independent checkpoints to them):
+  int8: w (N, K) int8, scales (N, G) float32: w_float = w * scales[:, k // (K // G)]
+  int4: w (N, K // 2) uint8, 32 bytes per 64 inputs (order in kernels.cpp), dm (N, G, 2) float16 = (d, m):
+        w_float = q * d + m per group of K // G inputs (llama.cpp's Q4_1 arithmetic)
+The kernels round activations to int16 per block of 32 (error below 1/65534 of the block's largest
+value, far finer than bf16) and need K % 64 == 0.
+"""
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SOURCE = Path(__file__).resolve().with_name("kernels.cpp")
+GEMV_MAX_ROWS = 16  # more rows than this (prefill): dequantize once and use the float GEMM
+
+
+@functools.cache
+def cpu_kernels() -> bool:
+    """True when the C++ kernels are built and loaded for this CPU; builds them on first use."""
+    if os.environ.get("FASTLLAMA_KERNELS", "1") == "0":
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(name="fastllama_kernels", sources=[str(SOURCE)], is_python_module=False,
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        print(f"warning: fastllama's C++ kernels did not build ({str(e).splitlines()[0]}); "
+              "using the slower PyTorch path", file=sys.stderr)
+        return False
+    torch.library.register_fake("fastllama::int8_linear")(_fake_linear)
+    torch.library.register_fake("fastllama::int4_linear")(_fake_linear)
+    return True
+
+
+def _fake_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    return x.new_empty(x.size(0), weight.size(0))
+
+
+# ---- reference math and layout conversion (pure functions) ----------------------------------------------
+
+def dequantize_int8(w: Tensor, scales: Tensor) -> Tensor:
+    """(N, K) float32 from int8 w and scales (N,) or (N, G)."""
+    N, K = w.shape
+    s = scales.float().reshape(N, -1)
+    return (w.float().view(N, s.size(1), -1) * s[..., None]).view(N, K)
+
+
+def int4_to_kernel(q: Tensor) -> Tensor:
+    """(N, K) values in [0, 15] -> (N, K // 2) uint8 in the kernel's order (see kernels.cpp)."""
+    N, K = q.shape
+    p = q.to(torch.uint8).view(N, K // 64, 4, 16)  # (N, blocks of 64, quarter, lane)
+    return torch.stack([p[:, :, 0] | p[:, :, 1] << 4, p[:, :, 2] | p[:, :, 3] << 4], dim=-1).reshape(N, K // 2)
+
+
+def int4_from_kernel(w: Tensor) -> Tensor:
+    """Inverse of int4_to_kernel."""
+    N = w.size(0)
+    b = w.view(N, -1, 16, 2)  # (N, blocks of 64, lane, byte)
+    return torch.stack([b[..., 0] & 0xF, b[..., 0] >> 4, b[..., 1] & 0xF, b[..., 1] >> 4], dim=2).reshape(N, -1)
+
+
+def dequantize_int4_kernel(w: Tensor, dm: Tensor) -> Tensor:
+    """(N, K) float32 from the kernel layout: q * d + m per group."""
+    q = int4_from_kernel(w).float()
+    N, K = q.shape
+    d, m = dm.float().unbind(-1)  # (N, G) each
+    return (q.view(N, d.size(1), -1) * d[..., None] + m[..., None]).view(N, K)
+
+
+# ---- the linear ops -------------------------------------------------------------------------------------
+
+def int8_linear(x: Tensor, w: Tensor, scales: Tensor, use_kernel: bool) -> Tensor:
+    """x (M, K) @ dequantize_int8(w, scales).T in x's dtype."""
+    if use_kernel and x.size(0) <= GEMV_MAX_ROWS:
+        return torch.ops.fastllama.int8_linear(x, w, scales)
+    return F.linear(x, dequantize_int8(w, scales).to(x.dtype))
+
+
+def int4_linear(x: Tensor, w: Tensor, dm: Tensor, use_kernel: bool) -> Tensor:
+    """x (M, K) @ dequantize_int4_kernel(w, dm).T in x's dtype."""
+    if use_kernel and x.size(0) <= GEMV_MAX_ROWS:
+        return torch.ops.fastllama.int4_linear(x, w, dm)
+    return F.linear(x, dequantize_int4_kernel(w, dm).to(x.dtype))

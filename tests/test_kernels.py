@@ -1,0 +1,91 @@
+"""The C++ int8 / int4 kernels (kernels.cpp) against the straightforward PyTorch computation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import quantize as qz
+from generate import compile_step, decode_one_token, generate, load_model
+
+HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def test_kernels_build_on_this_cpu():
+    """On an AVX2 machine (ours and CI) the kernels must build: a silent fallback would hide a regression."""
+    assert kernels.cpu_kernels() == HAS_AVX2
+
+
+def close(got, ref, rel):
+    torch.testing.assert_close(got.float(), ref, rtol=0, atol=rel * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@pytest.mark.parametrize("N, K", [(96, 128), (33, 64), (960, 576), (40, 1536)])
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_int8_kernel_matches_reference(N, K, M):
+    torch.manual_seed(N + K + M)
+    x, w = torch.randn(M, K), torch.randn(N, K)
+    for G in sorted({1, K // 64, K // 32}):  # per channel and per group of 64 / 32
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        s = torch.rand(N, G) + 0.1
+        ref = x @ kernels.dequantize_int8(q, s).T
+        close(torch.ops.fastllama.int8_linear(x, q, s), ref, 2e-4)  # int16 activations: ~1e-5 of the largest
+        close(torch.ops.fastllama.int8_linear(x.bfloat16(), q, s), x.bfloat16().float() @ kernels.dequantize_int8(q, s).T, 1e-2)
+    q, s = qz.quantize_int8(w)
+    close(kernels.int8_linear(x, q, s[:, None], use_kernel=True), x @ w.T, 2e-2)  # and the weights are int8 of w
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@pytest.mark.parametrize("N, K", [(96, 128), (33, 64), (960, 576), (40, 1536)])
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_int4_kernel_matches_reference(N, K, M):
+    torch.manual_seed(N + K + M)
+    x = torch.randn(M, K)
+    for g in [g for g in qz.GROUPSIZES if K % g == 0]:
+        q = torch.randint(0, 16, (N, K))
+        w = kernels.int4_to_kernel(q)
+        assert torch.equal(kernels.int4_from_kernel(w), q.to(torch.uint8))
+        dm = (torch.randn(N, K // g, 2) * torch.tensor([0.1, 1.0])).half()
+        ref = x @ kernels.dequantize_int4_kernel(w, dm).T
+        got = torch.ops.fastllama.int4_linear(x, w, dm)
+        assert got.shape == (M, N) and got.dtype == torch.float32
+        close(got, ref, 2e-4)
+        assert torch.ops.fastllama.int4_linear(x.bfloat16(), w, dm).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+def test_modules_pick_the_kernel_and_agree_with_the_pytorch_path():
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 128), torch.randn(2, 5, 128)
+    q, s = qz.quantize_int8(w)
+    q4, sz = qz.quantize_int4(w, 32)
+    for make in (lambda: qz.Int8Linear(128, 96), lambda: qz.Int4Linear(128, 96, 32)):
+        fast, slow = make(), make()
+        for m in (fast, slow):
+            if isinstance(m, qz.Int8Linear):
+                m.weight, m.scales = q, s
+            else:
+                m.weight, m.scales_and_zeros = qz.pack_int4(q4), sz
+        fast.prepare()
+        assert fast.kernel == "cpp"
+        slow.kernel = "torch"  # Int8Linear's plain path: dequantize + F.linear
+        if isinstance(slow, qz.Int4Linear):
+            ref = F.linear(x, qz.dequantize_int4(q4, sz, 32))
+        else:
+            ref = slow(x)
+        close(fast(x), ref, 2e-4)
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_decode_matches_eager(tiny_llama, reset_dynamo, mode):
+    """The custom ops inside torch.compile (fake shapes, C++ wrapper) give the eager tokens."""
+    _, folder = tiny_llama
+    path = qz.main(checkpoint_path=folder / "model.pth", mode=mode, groupsize=32)
+    model = load_model(path, "cpu", "fp32")
+    idx = torch.tensor([[5, 80, 13, 200, 7]])
+    model.setup_caches(1, 32)
+    eager = generate(model, idx, 10, temperature=0.0)
+    model.setup_caches(1, 32)
+    step = compile_step(decode_one_token, torch.device("cpu"))
+    assert generate(model, idx, 10, temperature=0.0, decode_step=step).tolist() == eager.tolist()
