@@ -84,7 +84,8 @@ def compile_step(fn, device: torch.device, dynamic: bool = False):
     compiled = torch.compile(fn, mode="max-autotune-no-cudagraphs", fullgraph=True, dynamic=dynamic)
 
     def step(*args, **kwargs):
-        with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0, cpp_wrapper=True):
+        with inductor_config.patch(freezing=True, cpp_wrapper=True, autotune_num_choices_displayed=0,
+                                   max_autotune_report_choices_stats=False):
             return compiled(*args, **kwargs)
 
     return step

@@ -38,7 +38,7 @@ def cpu_kernels() -> bool:
 
     try:
         load(name="fastllama_kernels", sources=[str(SOURCE)], is_python_module=False,
-             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-falign-loops=32"], extra_ldflags=["-fopenmp"], verbose=False)
     except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
         print(f"warning: fastllama's C++ kernels did not build ({str(e).splitlines()[0]}); "
               "using the slower PyTorch path", file=sys.stderr)

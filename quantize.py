@@ -3,12 +3,13 @@
     python quantize.py --checkpoint_path checkpoints/M/model.pth --mode int8
     python quantize.py --checkpoint_path checkpoints/M/model.pth --mode int4 --groupsize 32
     python quantize.py --checkpoint_path checkpoints/M/model.pth --mode int4-gptq --groupsize 128 \
-        --calibration_file data/calibration.txt
+        --calibration_file data/calibration.txt          (or --calibration_tasks hellaswag,arc_easy)
 
 int8: w = q * s, q in [-127, 127], one scale per output channel (symmetric).
 int4: w = (q - 8) * s + z, q in [0, 15], one (s, z) per group of `groupsize` inputs (asymmetric; the
       layout of torch's `_weight_int4pack_mm` kernels). The checkpoint stores q as two nibbles per byte
-      (device independent); packing for the kernel of the device in use happens at load.
+      (device independent); packing for the kernel of the device in use happens at load (kernels.py).
+      quantize_int4 keeps s and z - 8 s on float16 values so the CPU kernel's float16 copies are exact.
 In int4 modes the embedding and output layer are int8 (as llama.cpp's Q4 files keep them at Q8_0):
 they are a fifth of a small model's bytes and int4 there costs the most quality.
 The quantized checkpoint is model_<mode>.pth beside the source, and its model_config.json entry
@@ -309,6 +310,35 @@ def gptq_quantize(w: Tensor, H: Tensor, groupsize: int, blocksize: int = 128, pe
     return Q, torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
 
 
+def task_texts(tasks: list[str], include_path: Path | None, limit: int) -> list[str]:
+    """Up to `limit` documents (prompt and answer) of lm-eval tasks: names from lm-eval's registry (their
+    data comes from the hub) or task YAML files under include_path (local data, works offline)."""
+    try:
+        from lm_eval.tasks import TaskManager, get_task_dict
+    except ImportError:
+        raise ValueError("--calibration_tasks needs lm-eval: pip install lm-eval") from None
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}; local task files go in --calibration_tasks_path")
+
+    def leaves(d):  # groups nest their tasks in dicts
+        for v in d.values():
+            yield from leaves(v) if isinstance(v, dict) else [v]
+
+    texts = []
+    for task in leaves(get_task_dict(tasks, manager)):
+        split = next(s for s in ("validation", "test", "training") if getattr(task, f"has_{s}_docs")())
+        for doc in getattr(task, f"{split}_docs")():
+            target = task.doc_to_target(doc)
+            if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
+                target = task.doc_to_choice(doc)[target]
+            texts.append(f"{task.doc_to_text(doc)}{task.config.target_delimiter}{target}")
+            if len(texts) >= limit:
+                return texts
+    return texts
+
+
 def collect_hessians(model, names: list[str], batches: list[Tensor]) -> dict:
     """H = 2/n sum x x^T of the inputs of each named Linear, over calibration token batches (1, T)."""
     H, counts, hooks = {}, {}, []
@@ -343,6 +373,7 @@ def output_name(mode: str, groupsize: int | None) -> str:
 
 
 def main(*, checkpoint_path: Path, mode: str, groupsize: int = 32, calibration_file: Path | None = None,
+         calibration_tasks: str | None = None, calibration_tasks_path: Path | None = None,
          calibration_limit: int = 32, calibration_seq_length: int = 512, percdamp: float = 0.01,
          blocksize: int = 128, output: Path | None = None) -> Path:
     """Quantize the float checkpoint at checkpoint_path; return the written weights file."""
@@ -356,8 +387,9 @@ def main(*, checkpoint_path: Path, mode: str, groupsize: int = 32, calibration_f
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if mode != "int8" and groupsize not in GROUPSIZES:
         raise ValueError(f"groupsize {groupsize} is not supported; choose from {GROUPSIZES}")
-    if mode == "int4-gptq" and (calibration_file is None or not Path(calibration_file).is_file()):
-        raise FileNotFoundError(f"--calibration_file {calibration_file} not found; GPTQ needs a text file to calibrate on")
+    if mode == "int4-gptq" and not calibration_tasks and (calibration_file is None or not Path(calibration_file).is_file()):
+        raise FileNotFoundError(f"--calibration_file {calibration_file} not found; GPTQ needs a text file "
+                                "(or --calibration_tasks) to calibrate on")
     weights, _ = checkpoint_files(checkpoint_path)
     args, fmt = read_config(weights)
     if fmt.get("quantization"):
@@ -373,9 +405,13 @@ def main(*, checkpoint_path: Path, mode: str, groupsize: int = 32, calibration_f
     gptq = None
     if mode == "int4-gptq":
         tok = get_tokenizer(weights)
-        ids = tok.encode(Path(calibration_file).read_text())
         seq = min(calibration_seq_length, args.block_size)
-        batches = [torch.tensor([ids[i:i + seq]]) for i in range(0, len(ids) - 1, seq)][:calibration_limit]
+        if calibration_tasks:  # one sequence per task document
+            texts = task_texts(calibration_tasks.split(","), calibration_tasks_path, calibration_limit)
+            batches = [torch.tensor([tok.encode(t)[:seq]]) for t in texts]
+        else:
+            ids = tok.encode(Path(calibration_file).read_text())
+            batches = [torch.tensor([ids[i:i + seq]]) for i in range(0, len(ids) - 1, seq)][:calibration_limit]
         print(f"calibrating on {sum(b.numel() for b in batches)} tokens in {len(batches)} sequences", file=sys.stderr)
         model = load_model(weights, "cpu", "fp32")
         H = collect_hessians(model, names, batches)
@@ -397,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, required=True, help="int8 per channel, int4 group-wise, int4 GPTQ")
     p.add_argument("--groupsize", type=int, choices=GROUPSIZES, default=32, help="int4 group size")
     p.add_argument("--calibration_file", type=Path, default=None, help="text file for GPTQ calibration")
+    p.add_argument("--calibration_tasks", type=str, default=None,
+                   help="GPTQ: calibrate on these lm-eval tasks' documents instead (comma-separated)")
+    p.add_argument("--calibration_tasks_path", type=Path, default=None, help="folder of local lm-eval task YAML files")
     p.add_argument("--calibration_limit", type=int, default=32, help="most calibration sequences")
     p.add_argument("--calibration_seq_length", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening, a fraction of the mean diagonal")

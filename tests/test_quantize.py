@@ -129,3 +129,34 @@ def test_quantize_errors(tiny_llama, tmp_path):
     int8 = qz.main(checkpoint_path=folder, mode="int8", output=tmp_path / "q" / "model_int8.pth")
     with pytest.raises(ValueError, match="already quantized"):
         qz.main(checkpoint_path=int8, mode="int4")
+
+
+TASK_YAML = """task: tiny_facts
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {docs}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_gptq_calibrates_on_local_lm_eval_task(tiny_llama, tmp_path):
+    _, folder = tiny_llama
+    docs = tmp_path / "docs.jsonl"
+    rows = [{"question": f"What is {i} plus {i}?", "choices": [str(i), str(2 * i)], "answer": 1} for i in range(6)]
+    docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_facts.yaml").write_text(TASK_YAML.format(docs=docs))
+    texts = qz.task_texts(["tiny_facts"], tmp_path / "tasks", limit=4)
+    assert texts == [f"Question: What is {i} plus {i}?\nAnswer: {2 * i}" for i in range(4)]
+    out = qz.main(checkpoint_path=folder, mode="int4-gptq", groupsize=32, calibration_tasks="tiny_facts",
+                  calibration_tasks_path=tmp_path / "tasks", calibration_limit=6, output=tmp_path / "g" / "model.pth")
+    assert read_config(out)[1]["quantization"]["mode"] == "int4-gptq"
+    with pytest.raises(ValueError, match="unknown lm-eval task"):
+        qz.task_texts(["no_such_task"], tmp_path / "tasks", limit=4)
