@@ -187,6 +187,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory so far: the CUDA allocator's on GPU, the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.is_file():  # VmHWM is this process's own peak; ru_maxrss also counts the parent's before exec
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
