@@ -13,6 +13,7 @@ import contextlib
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,7 +86,8 @@ def compile_step(fn, device: torch.device, dynamic: bool = False):
 
     def step(*args, **kwargs):
         with inductor_config.patch(freezing=True, cpp_wrapper=True, autotune_num_choices_displayed=0,
-                                   max_autotune_report_choices_stats=False):
+                                   max_autotune_report_choices_stats=False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own autotuner
             return compiled(*args, **kwargs)
 
     return step
