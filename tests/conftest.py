@@ -63,6 +63,20 @@ def make_hf_model(kind: str, folder: Path, tokenizer_dir: Path | None = None):
     return model
 
 
+def assert_same_model(a, b, idx, new_tokens: int, tol: float) -> None:
+    """Two loaded models give close logits on idx (1, T) and the same greedy continuation."""
+    from generate import generate
+
+    T = idx.size(1)
+    for m in (a, b):
+        m.setup_caches(1, T + new_tokens + 8)
+    with torch.no_grad():
+        torch.testing.assert_close(a(idx, torch.arange(T)), b(idx, torch.arange(T)), rtol=tol, atol=tol)
+    for m in (a, b):
+        m.setup_caches(1, T + new_tokens + 8)
+    assert generate(a, idx, new_tokens, temperature=0.0).tolist() == generate(b, idx, new_tokens, temperature=0.0).tolist()
+
+
 @pytest.fixture(scope="session")
 def spm_dir(tmp_path_factory) -> Path:
     """A sentencepiece BPE tokenizer.model (VOCAB pieces) trained on Python's own source text."""

@@ -3,7 +3,7 @@ transformers' own GGUF loader (an independent dequantizer)."""
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, make_hf_model
+from conftest import VOCAB, assert_same_model, make_hf_model
 from convert_gguf import convert_gguf
 from convert_hf_checkpoint import hf_to_interleaved
 
@@ -125,14 +125,8 @@ def test_gguf_blocks_import_without_a_float_detour(tmp_path, types, mode):
     twin, floats = dequantize_state_dict(load_state_dict(quant_path), fmt["quantization"]), load_state_dict(float_path)
     assert twin.keys() == floats.keys() and all(torch.equal(twin[k], floats[k]) for k in floats)
     idx = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
-    quant, ref = load_model(quant_path, "cpu", "fp32"), load_model(float_path, "cpu", "fp32")
-    for m in (quant, ref):
-        m.setup_caches(1, 40)
-    with torch.no_grad():
-        torch.testing.assert_close(quant(idx, torch.arange(20)), ref(idx, torch.arange(20)), rtol=1e-3, atol=1e-3)
-    for m in (quant, ref):
-        m.setup_caches(1, 40)
-    assert generate(quant, idx, 12, temperature=0.0).tolist() == generate(ref, idx, 12, temperature=0.0).tolist()
+    assert_same_model(load_model(quant_path, "cpu", "fp32"), load_model(float_path, "cpu", "fp32"), idx,
+                      new_tokens=12, tol=1e-3)
 
 
 def test_mixed_gguf_imports_as_float_only(tiny_gguf):

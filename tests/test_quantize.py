@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_model
 
 import quantize as qz
 from checkpoint import load_state_dict, read_config, save_checkpoint
@@ -72,14 +73,7 @@ def test_quantized_model_matches_dequantized_twin(quantized, tmp_path):
     twin = qz.dequantize_state_dict(load_state_dict(path), fmt["quantization"])
     save_checkpoint(tmp_path, twin, args, {"dtype": "float32"})
     q_model, f_model = load_model(path, "cpu", "fp32"), load_model(tmp_path, "cpu", "fp32")
-    idx = torch.tensor([[5, 80, 13, 200, 7, 9, 301, 44]])
-    for m in (q_model, f_model):
-        m.setup_caches(1, 40)
-    with torch.no_grad():
-        torch.testing.assert_close(q_model(idx, torch.arange(8)), f_model(idx, torch.arange(8)), rtol=1e-4, atol=1e-4)
-    for m in (q_model, f_model):
-        m.setup_caches(1, 40)
-    assert generate(q_model, idx, 24, temperature=0.0).tolist() == generate(f_model, idx, 24, temperature=0.0).tolist()
+    assert_same_model(q_model, f_model, torch.tensor([[5, 80, 13, 200, 7, 9, 301, 44]]), new_tokens=24, tol=1e-4)
 
 
 def test_gptq_beats_round_to_nearest_on_layer_output():
