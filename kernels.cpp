@@ -29,7 +29,8 @@ inline float hsum(__m256 v) {
 // Activations as int16 per block of 32: x[k] ~= q[k] * d[k / 32], d = max |x| / 32767 over the block.
 // The rounding error (at most 1/65534 of the block's largest value) is far below bf16's, so results
 // match x @ w.T in float to ~1e-5; in exchange every product is an integer multiply-add (vpmaddwd).
-void quantize_x(const float* x, int64_t K, int16_t* q, float* d, float* sums) {
+// sums, when given (int4's m terms), gets the float sum of x over each group of bpg blocks (zeroed by the caller).
+void quantize_x(const float* x, int64_t K, int16_t* q, float* d, float* sums, int64_t bpg) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < K / 32; ++b) {
     __m256 v[4], amax = _mm256_setzero_ps();
@@ -41,7 +42,7 @@ void quantize_x(const float* x, int64_t K, int16_t* q, float* d, float* sums) {
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     const float mx = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
     d[b] = mx / 32767.f;
-    sums[b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+    if (sums) sums[b / bpg] += hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
     const __m256 inv = _mm256_set1_ps(mx > 0.f ? 32767.f / mx : 0.f);
     for (int i = 0; i < 4; i += 2) {  // packs interleaves 128-bit halves; the permute restores the order
       const __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)),
@@ -151,14 +152,14 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.is_contiguous(), "weight must be contiguous");
 }
 
-// (int16 x, per-block scales, per-block sums) for every row of x
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_input(const at::Tensor& xf) {
+// (int16 x, per-block scales, per-group sums (M, G) when G > 0, else undefined) for every row of x
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_input(const at::Tensor& xf, int64_t G) {
   const int64_t M = xf.size(0), K = xf.size(1);
-  at::Tensor q = at::empty({M, K}, xf.options().dtype(at::kShort));
-  at::Tensor d = at::empty({M, K / 32}, xf.options()), s = at::empty({M, K / 32}, xf.options());
+  at::Tensor q = at::empty({M, K}, xf.options().dtype(at::kShort)), d = at::empty({M, K / 32}, xf.options());
+  at::Tensor s = G > 0 ? at::zeros({M, G}, xf.options()) : at::Tensor();
   for (int64_t m = 0; m < M; ++m)
     quantize_x(xf.data_ptr<float>() + m * K, K, q.data_ptr<int16_t>() + m * K, d.data_ptr<float>() + m * K / 32,
-               s.data_ptr<float>() + m * K / 32);
+               G > 0 ? s.data_ptr<float>() + m * G : nullptr, G > 0 ? K / G / 32 : 1);
   return {q, d, s};
 }
 
@@ -168,7 +169,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
               scales.size(0) == N && K % G == 0 && (K / G) % 32 == 0, "int8_linear: bad weight or scales");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const auto [xq, xd, unused] = quantize_input(xf);
+  const auto [xq, xd, no_sums] = quantize_input(xf, 0);
   at::Tensor y = at::empty({M, N}, xf.options());
   const int16_t* qp = xq.data_ptr<int16_t>();
   const float *dp = xd.data_ptr<float>(), *sp = scales.data_ptr<float>();
@@ -191,9 +192,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
               dm.size(0) == N && dm.size(2) == 2 && K % G == 0 && (K / G) % 32 == 0 && G <= kMaxGroups,
               "int4_linear: bad weight or dm");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const auto [xq, xd, bsum] = quantize_input(xf);
-  at::Tensor xs = at::zeros({M, G}, xf.options());  // sums of x per group, for the m terms
-  for (int64_t i = 0; i < M * K / 32; ++i) xs.data_ptr<float>()[i / (K / G / 32)] += bsum.data_ptr<float>()[i];
+  const auto [xq, xd, xs] = quantize_input(xf, G);  // xs: sums of x per group, for the m terms
   at::Tensor y = at::empty({M, N}, xf.options());
   const int16_t* qp = xq.data_ptr<int16_t>();
   const float *dp = xd.data_ptr<float>(), *xsp = xs.data_ptr<float>();
