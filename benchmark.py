@@ -76,9 +76,22 @@ def timed_generate(run, n_new: int) -> tuple[float, float]:
     return marks[0] - t0, (n_new - 1) / (t1 - marks[0])
 
 
-def median_runs(run, n_new: int, runs: int) -> tuple[float, float]:
-    results = [timed_generate(run, n_new) for _ in range(runs)]
-    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+def measure(make_run, n_prompt: int, n_new: int, runs: int, batch_sizes: tuple) -> dict:
+    """The speed columns of one system. make_run(b) returns run(callback) generating n_new tokens for batch b;
+    each batch size gets a warm-up (its time, at the first batch size, is warmup_s) and `runs` timed runs."""
+    row = {"decode_batch_tok_s": None}
+    for b in batch_sizes:
+        run = make_run(b)
+        t0 = time.perf_counter()
+        run(lambda _: None)  # warm-up; compiles the decode step for this batch size when it is compiled
+        warm = time.perf_counter() - t0
+        results = [timed_generate(run, n_new) for _ in range(runs)]
+        ttft, tps = statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+        if b == batch_sizes[0]:
+            row.update(ttft_ms=ttft * 1e3, prefill_tok_s=n_prompt / ttft, decode_tok_s=tps, warmup_s=warm)
+        else:
+            row["decode_batch_tok_s"] = tps * b
+    return row
 
 
 # ---- the systems; each returns one row's measurements ------------------------------------------------------
@@ -108,23 +121,15 @@ def bench_fastllama(checkpoint, device, precision, ids, n_new, runs, batch_size,
     activations = ("bf16" if device.type == "cuda" else "fp32") if precision in QUANTIZED else precision
     model = load_model(path, device, activations)
     step = compile_step(decode_one_token, device) if compiled else decode_one_token
-    row = {"weights_file": path.name, "activations": activations}
-    for b in (1, batch_size):
+
+    def make_run(b):
         x = torch.tensor([ids] * b, device=device)
         model.setup_caches(b, len(ids) + n_new)
+        return lambda cb: generate(model, x, n_new, temperature=0.0, decode_step=step, callback=cb)
 
-        def run(cb):
-            generate(model, x, n_new, temperature=0.0, decode_step=step, callback=cb)
-
-        t0 = time.perf_counter()
-        run(lambda _: None)  # warm-up; compiles the decode step for this batch size
-        warm = time.perf_counter() - t0
-        ttft, tps = median_runs(run, n_new, runs)
-        if b == 1:
-            row.update(ttft_ms=ttft * 1e3, prefill_tok_s=len(ids) / ttft, decode_tok_s=tps,
-                       compile_s=warm if compiled else None)
-        else:
-            row["decode_batch_tok_s"] = tps * b
+    row = {"weights_file": path.name, "activations": activations,
+           **measure(make_run, len(ids), n_new, runs, (1, batch_size))}
+    row["compile_s"] = row["warmup_s"] if compiled else None
     row["weights_gb"] = model_size_bytes(model) / 1e9
     row["peak_memory_gb"] = peak_memory_bytes(device) / 1e9
     return row
@@ -158,21 +163,16 @@ def bench_transformers(checkpoint, device, precision, ids, n_new, runs, batch_si
         def end(self):
             pass
 
-    row = {}
-    for b in (1, batch_size):
+    def make_run(b):
         x = torch.tensor([ids] * b, device=device)
 
+        @torch.no_grad()
         def run(cb):
-            with torch.no_grad():
-                model.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                               streamer=Streamer(cb), pad_token_id=0)
+            model.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, streamer=Streamer(cb),
+                           pad_token_id=0)
+        return run
 
-        run(lambda _: None)
-        ttft, tps = median_runs(run, n_new, runs)
-        if b == 1:
-            row.update(ttft_ms=ttft * 1e3, prefill_tok_s=len(ids) / ttft, decode_tok_s=tps, compile_s=None)
-        else:
-            row["decode_batch_tok_s"] = tps * b
+    row = {**measure(make_run, len(ids), n_new, runs, (1, batch_size)), "compile_s": None}
     row["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     row["peak_memory_gb"] = peak_memory_bytes(device) / 1e9
     return row
@@ -220,11 +220,8 @@ def bench_llama_cpp(checkpoint, device, precision, ids, n_new, runs, batch_size)
             if i + 1 == n_new:
                 break
 
-    run(lambda _: None)
-    ttft, tps = median_runs(run, n_new, runs)
-    return {"weights_file": path.name, "ttft_ms": ttft * 1e3, "prefill_tok_s": len(ids) / ttft, "decode_tok_s": tps,
-            "decode_batch_tok_s": None, "compile_s": None, "weights_gb": path.stat().st_size / 1e9,
-            "peak_memory_gb": peak_memory_bytes(device) / 1e9}
+    return {"weights_file": path.name, **measure(lambda _b: run, len(ids), n_new, runs, (1,)), "compile_s": None,
+            "weights_gb": path.stat().st_size / 1e9, "peak_memory_gb": peak_memory_bytes(device) / 1e9}
 
 
 def worker(spec: dict) -> dict:
