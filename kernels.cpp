@@ -1,21 +1,23 @@
 // Weight-only int8 / int4 matrix-vector products for x86 CPUs with AVX2 + FMA (fastllama).
 //
 // Decoding reads every weight once per token, so a quantized linear layer is a GEMV whose speed is
-// set by how fast weights stream in and turn into floats. These kernels keep activations in float32
-// (the result equals x @ dequantize(w).T up to summation order, no activation quantization) and
-// work on two output rows at a time so each activation load feeds two weight rows.
+// set by how fast weights stream in and turn into sums. Both kernels round the activations per block of
+// 32 (quantize_x) so that products are integer multiply-adds, and scale each block's integer dot once.
 //
 //   int8_linear(x (M, K) float/bf16, w (N, K) int8, scales (N, G) float32) -> (M, N) in x's dtype
-//       y = x @ (w * scales[:, k // (K / G)]).T          G = 1: per channel; G = K / 32: Q8_0-like
-//   int4_linear(x (M, K), w (N, K / 2) uint8, dm (N, G, 2) float16) -> (M, N)
-//       w[n, 16 b + j] holds q[n, 32 b + j] (low nibble) and q[n, 32 b + 16 + j] (high nibble),
-//       y = x @ (q * d + m).T with (d, m) = dm[n, k // (K / G)]   (llama.cpp's Q4_1 arithmetic)
+//       y = x16 @ (w * scales[:, k // (K / G)]).T     x16: x rounded to int16 per block (error ~1e-5 relative)
+//       G = 1: per channel; G = K / 32: Q8_0-like.  Two output rows at a time share each activation load.
+//   int4_linear(x (M, K), w (N, K / 2) uint8, dm (N / 8, 2, G, 8) float16) -> (M, N)
+//       y = x16 @ (q * d + m).T with (d, m) per group (llama.cpp's Q4_1 arithmetic), dm (N / 8, 2, G, 8):
+//       rows in groups of 8, each group's outputs computed together in the 8 lanes of one vector.
 //
 // Registered as torch.ops.fastllama.*; kernels.py builds this file and holds the PyTorch reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
+
+#include <utility>
 
 namespace {
 
@@ -26,11 +28,18 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Activations as int16 per block of 32: x[k] ~= q[k] * d[k / 32], d = max |x| / 32767 over the block.
-// The rounding error (at most 1/65534 of the block's largest value) is far below bf16's, so results
-// match x @ w.T in float to ~1e-5; in exchange every product is an integer multiply-add (vpmaddwd).
-// sums, when given (int4's m terms), gets the float sum of x over each group of bpg blocks (zeroed by the caller).
-void quantize_x(const float* x, int64_t K, int16_t* q, float* d, float* sums, int64_t bpg) {
+// Activations rounded to int16 per block of 32: x[k] ~= q[k] * d[k / 32], d = max |x| / qmax over the block.
+// The rounding error (at most 1/(2 qmax) of the block's largest value) is far below bf16's, so results match
+// x @ w.T in float to ~1e-5; in exchange every product is an integer multiply-add.
+// Split::no stores q as int16 (for vpmaddwd, int8 kernel; qmax = 32767). Split::bytes stores each block as
+// 32 high bytes h then 32 low bytes l, q = 256 h + l, both signed (for vpmaddubsw, int4 kernel; qmax = 127 * 256
+// keeps h within int8). sums, when given (int4's m terms), gets the sum of the rounded x over each group of
+// bpg blocks (zeroed by the caller).
+enum class Split { no, bytes };
+
+template <Split S>
+void quantize_x(const float* x, int64_t K, void* out, float* d, float* sums, int64_t bpg) {
+  constexpr float qmax = S == Split::no ? 32767.f : 127.f * 256.f;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < K / 32; ++b) {
     __m256 v[4], amax = _mm256_setzero_ps();
@@ -41,13 +50,33 @@ void quantize_x(const float* x, int64_t K, int16_t* q, float* d, float* sums, in
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     const float mx = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-    d[b] = mx / 32767.f;
-    if (sums) sums[b / bpg] += hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
-    const __m256 inv = _mm256_set1_ps(mx > 0.f ? 32767.f / mx : 0.f);
-    for (int i = 0; i < 4; i += 2) {  // packs interleaves 128-bit halves; the permute restores the order
-      const __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)),
-                                           _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inv)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b + 8 * i), _mm256_permute4x64_epi64(p, 0xD8));
+    d[b] = mx / qmax;
+    const __m256 inv = _mm256_set1_ps(mx > 0.f ? qmax / mx : 0.f);
+    __m256i r[4];
+    for (int i = 0; i < 4; ++i) r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // round half to even
+    if (sums) {
+      const __m256i t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+      sums[b / bpg] += d[b] * hsum(_mm256_cvtepi32_ps(t));
+    }
+    // packs interleaves 128-bit halves; the permutes restore the order
+    if constexpr (S == Split::no) {
+      int16_t* q = static_cast<int16_t*>(out) + 32 * b;
+      for (int i = 0; i < 4; i += 2)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8 * i),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(r[i], r[i + 1]), 0xD8));
+    } else {
+      __m256i h[4], l[4];
+      for (int i = 0; i < 4; ++i) {  // l = ((q + 128) & 255) - 128 in [-128, 127], h = (q - l) / 256 in [-127, 127]
+        l[i] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(r[i], _mm256_set1_epi32(128)), _mm256_set1_epi32(255)),
+                                _mm256_set1_epi32(128));
+        h[i] = _mm256_srai_epi32(_mm256_sub_epi32(r[i], l[i]), 8);
+      }
+      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      int8_t* q = static_cast<int8_t*>(out) + 64 * b;
+      for (auto [src, dst] : {std::pair{h, q}, std::pair{l, q + 32}}) {
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(src[0], src[1]), _mm256_packs_epi32(src[2], src[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(p, order));
+      }
     }
   }
 }
@@ -84,55 +113,40 @@ void int8_rows(const int16_t* xq, const float* xd, int64_t K, const int8_t* w, c
   for (int j = 0; j < NT; ++j) y[j] = hsum(acc[j]);
 }
 
-// y[j] = sum_k x[k] * (q[j, k] * d + m), (d, m) per group; xs[gi] = sum of the float x over group gi.
-// Kernel layout: 32 bytes per 64 weights; 16-bit lane l holds q[l], q[16 + l], q[32 + l], q[48 + l].
-constexpr int64_t kMaxGroups = 512;
-
-void int4_rows(const int16_t* xq, const float* xd, const float* xs, int64_t K, const uint8_t* w,
-               const uint16_t* dm, int64_t G, float* y) {
-  const int64_t bpg = K / G / 32;
-  const __m256i low = _mm256_set1_epi16(0x0F);
-  float dmf[2 * kMaxGroups];  // this row's (d, m) as float32: per-block broadcasts become plain loads
-  int64_t i = 0;
-  for (; i + 8 <= 2 * G; i += 8)
-    _mm256_storeu_ps(dmf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + i))));
-  for (; i < 2 * G; ++i) dmf[i] = _cvtsh_ss(dm[i]);
-  // integer dots of 64 inputs, scaled by the activations' block scales: ta over the first 32, tb the second
-  __m256 ta, tb;
-  auto dot64 = [&](int64_t sb) __attribute__((always_inline)) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * sb));
-    const __m256i q0 = _mm256_and_si256(v, low), q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), low), q3 = _mm256_srli_epi16(v, 12);
-    const int16_t* x = xq + 64 * sb;
-    const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(q0, load16(x)), _mm256_madd_epi16(q1, load16(x + 16)));
-    const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(q2, load16(x + 32)), _mm256_madd_epi16(q3, load16(x + 48)));
-    ta = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_broadcast_ss(xd + 2 * sb));
-    tb = _mm256_mul_ps(_mm256_cvtepi32_ps(b), _mm256_broadcast_ss(xd + 2 * sb + 1));
-  };
-  // two accumulators, so the two halves don't wait on each other's FMA latency
-  __m256 acc_a = _mm256_setzero_ps(), acc_b = _mm256_setzero_ps();
-  if (bpg == 1) {  // groups of 32: each half has its own d
-    for (int64_t sb = 0; sb < K / 64; ++sb) {
-      dot64(sb);
-      acc_a = _mm256_fmadd_ps(ta, _mm256_broadcast_ss(dmf + 4 * sb), acc_a);
-      acc_b = _mm256_fmadd_ps(tb, _mm256_broadcast_ss(dmf + 4 * sb + 2), acc_b);
-    }
-  } else {  // groups of 64 or more: sum the group, then scale once
-    for (int64_t gi = 0, sb = 0; gi < G; ++gi) {
-      __m256 ga = _mm256_setzero_ps(), gb = _mm256_setzero_ps();
-      for (const int64_t end = sb + bpg / 2; sb < end; ++sb) {
-        dot64(sb);
-        ga = _mm256_add_ps(ga, ta), gb = _mm256_add_ps(gb, tb);
+// Eight output rows at once, one per float lane: y[r] = sum_k x[k] * (q[r, k] * d + m), (d, m) per group.
+// Layout per group of 8 rows and block b of 32 inputs: 128 bytes; byte 32 p + 4 r + j holds q[r, 32 b + 4 p + j]
+// (low nibble) and q[r, 32 b + 4 (p + 4) + j] (high nibble): one vpmaddubsw multiplies 4 inputs of 8 rows.
+// xq: per block, x's high bytes then its low bytes (quantize_x<Split::bytes>), each multiplied separately.
+// dm: d of the 8 rows for each of the G groups, then their m (float16). xs[gi] = sum of the rounded x over group gi.
+// No per-row work is left: no horizontal sums, one FMA per block for all eight rows.
+void int4_rows8(const int8_t* xq, const float* xd, const float* xs, int64_t K, const uint8_t* w,
+                const uint16_t* dm, int64_t G, float* y) {
+  const int64_t bpg = K / 32 / G;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
+  __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
+  for (int64_t gi = 0, b = 0; gi < G; ++gi) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 8 * gi)));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 8 * (G + gi))));
+    acc_m = _mm256_fmadd_ps(m, _mm256_broadcast_ss(xs + gi), acc_m);
+    for (const int64_t end = b + bpg; b < end; ++b) {
+      const __m256i* wb = reinterpret_cast<const __m256i*>(w + 128 * b);
+      const int32_t* xh = reinterpret_cast<const int32_t*>(xq + 64 * b);
+      const int32_t* xl = xh + 8;
+      // vpmaddubsw: unsigned q times signed bytes, pairs summed to int16; eight sums stay below 8 * 2 * 15 * 128 < 2^15
+      __m256i sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
+      for (int p = 0; p < 4; ++p) {
+        const __m256i v = _mm256_loadu_si256(wb + p);
+        const __m256i qa = _mm256_and_si256(v, low), qb = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(qa, _mm256_set1_epi32(xh[p])));
+        sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(qb, _mm256_set1_epi32(xh[p + 4])));
+        sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(qa, _mm256_set1_epi32(xl[p])));
+        sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(qb, _mm256_set1_epi32(xl[p + 4])));
       }
-      acc_a = _mm256_fmadd_ps(_mm256_broadcast_ss(dmf + 2 * gi), _mm256_add_ps(ga, gb), acc_a);
+      const __m256i t = _mm256_add_epi32(_mm256_madd_epi16(sh, c256), _mm256_madd_epi16(sl, ones));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(d, _mm256_broadcast_ss(xd + b)), acc);
     }
   }
-  float mins[4] = {0.f, 0.f, 0.f, 0.f};  // four chains: a single running sum waits on every FMA (1.3x slower)
-  int64_t g = 0;
-  for (; g + 4 <= G; g += 4)
-    for (int u = 0; u < 4; ++u) mins[u] += dmf[2 * (g + u) + 1] * xs[g + u];
-  for (; g < G; ++g) mins[0] += dmf[2 * g + 1] * xs[g];
-  *y = hsum(_mm256_add_ps(acc_a, acc_b)) + ((mins[0] + mins[1]) + (mins[2] + mins[3]));
+  _mm256_storeu_ps(y, _mm256_add_ps(acc, acc_m));
 }
 
 // Runs row(n, nt, m) over all outputs n (two at a time, nt = 2 or 1) and rows m of x, split across threads.
@@ -152,14 +166,16 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.is_contiguous(), "weight must be contiguous");
 }
 
-// (int16 x, per-block scales, per-group sums (M, G) when G > 0, else undefined) for every row of x
+// (rounded x, per-block scales, per-group sums (M, G) when G > 0, else undefined) for every row of x
+template <Split S>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_input(const at::Tensor& xf, int64_t G) {
   const int64_t M = xf.size(0), K = xf.size(1);
-  at::Tensor q = at::empty({M, K}, xf.options().dtype(at::kShort)), d = at::empty({M, K / 32}, xf.options());
-  at::Tensor s = G > 0 ? at::zeros({M, G}, xf.options()) : at::Tensor();
+  at::Tensor q = S == Split::no ? at::empty({M, K}, xf.options().dtype(at::kShort))
+                                : at::empty({M, 2 * K}, xf.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, K / 32}, xf.options()), s = G > 0 ? at::zeros({M, G}, xf.options()) : at::Tensor();
   for (int64_t m = 0; m < M; ++m)
-    quantize_x(xf.data_ptr<float>() + m * K, K, q.data_ptr<int16_t>() + m * K, d.data_ptr<float>() + m * K / 32,
-               G > 0 ? s.data_ptr<float>() + m * G : nullptr, G > 0 ? K / G / 32 : 1);
+    quantize_x<S>(xf.data_ptr<float>() + m * K, K, static_cast<char*>(q.data_ptr()) + 2 * m * K,
+                  d.data_ptr<float>() + m * K / 32, G > 0 ? s.data_ptr<float>() + m * G : nullptr, G > 0 ? K / G / 32 : 1);
   return {q, d, s};
 }
 
@@ -169,7 +185,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
               scales.size(0) == N && K % G == 0 && (K / G) % 32 == 0, "int8_linear: bad weight or scales");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const auto [xq, xd, no_sums] = quantize_input(xf, 0);
+  const auto [xq, xd, no_sums] = quantize_input<Split::no>(xf, 0);
   at::Tensor y = at::empty({M, N}, xf.options());
   const int16_t* qp = xq.data_ptr<int16_t>();
   const float *dp = xd.data_ptr<float>(), *sp = scales.data_ptr<float>();
@@ -186,25 +202,25 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm) {
-  const int64_t M = x.size(0), N = w.size(0), K = 2 * w.size(1), G = dm.size(1);
+  const int64_t M = x.size(0), N = w.size(0), K = 2 * w.size(1), G = dm.size(2);
   check(x, w, K);
-  TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf && dm.is_contiguous() &&
-              dm.size(0) == N && dm.size(2) == 2 && K % G == 0 && (K / G) % 32 == 0 && G <= kMaxGroups,
-              "int4_linear: bad weight or dm");
+  TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf && dm.is_contiguous() && N % 8 == 0 &&
+              dm.dim() == 4 && dm.size(0) == N / 8 && dm.size(1) == 2 && dm.size(3) == 8 && K % G == 0 &&
+              (K / G) % 32 == 0, "int4_linear: bad weight or dm");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const auto [xq, xd, xs] = quantize_input(xf, G);  // xs: sums of x per group, for the m terms
+  const auto [xq, xd, xs] = quantize_input<Split::bytes>(xf, G);  // xs: sums of x per group, for the m terms
   at::Tensor y = at::empty({M, N}, xf.options());
-  const int16_t* qp = xq.data_ptr<int16_t>();
+  const int8_t* qp = xq.data_ptr<int8_t>();
   const float *dp = xd.data_ptr<float>(), *xsp = xs.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
-  for_rows(M, N, [&](int64_t n, int nt, int64_t m) {
-    if (m == 0) prefetch(wp + (n + 16) * K / 2, K);
-    float out[2];
-    for (int j = 0; j < nt; ++j)  // one row at a time: two need more than AVX2's 16 registers (measured slower)
-      int4_rows(qp + m * K, dp + m * K / 32, xsp + m * G, K, wp + (n + j) * K / 2, mp + 2 * (n + j) * G, G, out + j);
-    for (int j = 0; j < nt; ++j) yp[m * N + n + j] = out[j];
+  at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      prefetch(wp + (r + 2) * 4 * K, 4 * K);
+      for (int64_t m = 0; m < M; ++m)
+        int4_rows8(qp + 2 * m * K, dp + m * K / 32, xsp + m * G, K, wp + r * 4 * K, mp + 16 * G * r, G, yp + m * N + 8 * r);
+    }
   });
   return y.to(x.scalar_type());
 }

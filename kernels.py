@@ -8,10 +8,10 @@ FASTLLAMA_KERNELS=0, large batches) the same math runs as plain PyTorch: dequant
 
 Weight layouts (the kernels' own; quantize.py converts its device-independent checkpoints to them):
   int8: w (N, K) int8, scales (N, G) float32: w_float = w * scales[:, k // (K // G)]
-  int4: w (N, K // 2) uint8, 32 bytes per 64 inputs (order in kernels.cpp), dm (N, G, 2) float16 = (d, m):
+  int4: w (N, K // 2) uint8, rows interleaved by 8 (int4_to_kernel), dm (N // 8, 2, G, 8) float16 = (d, m):
         w_float = q * d + m per group of K // G inputs (llama.cpp's Q4_1 arithmetic)
-The kernels round activations to int16 per block of 32 (error below 1/65534 of the block's largest
-value, far finer than bf16) and need K % 64 == 0.
+The kernels round activations to int16 per block of 32 (error below 1/65000 of the block's largest
+value, far finer than bf16); they need K % 64 == 0 and, for int4, N % 8 == 0.
 """
 import functools
 import os
@@ -61,26 +61,33 @@ def dequantize_int8(w: Tensor, scales: Tensor) -> Tensor:
     return (w.float().view(N, s.size(1), -1) * s[..., None]).view(N, K)
 
 
-def int4_to_kernel(q: Tensor) -> Tensor:
-    """(N, K) values in [0, 15] -> (N, K // 2) uint8 in the kernel's order (see kernels.cpp)."""
+def int4_to_kernel(q: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """q (N, K) in [0, 15], d and m (N, G) -> the kernel's (w (N, K // 2) uint8, dm (N // 8, 2, G, 8) float16).
+
+    Rows go in groups of 8; per group and block of 32 inputs, byte 32 p + 4 r + j holds q[r, 4 p + j] (low
+    nibble) and q[r, 4 (p + 4) + j] (high nibble), r the row in the group: the order kernels.cpp reads.
+    """
     N, K = q.shape
-    p = q.to(torch.uint8).view(N, K // 64, 4, 16)  # (N, blocks of 64, quarter, lane)
-    return torch.stack([p[:, :, 0] | p[:, :, 1] << 4, p[:, :, 2] | p[:, :, 3] << 4], dim=-1).reshape(N, K // 2)
+    p = q.to(torch.uint8).view(N // 8, 8, K // 32, 8, 4).permute(0, 2, 3, 1, 4)  # (group, block, i, row, j)
+    w = (p[:, :, :4] | p[:, :, 4:] << 4).reshape(N, K // 2)
+    dm = torch.stack([d, m], dim=1).view(N // 8, 8, 2, -1).permute(0, 2, 3, 1).half().contiguous()
+    return w, dm
 
 
-def int4_from_kernel(w: Tensor) -> Tensor:
-    """Inverse of int4_to_kernel."""
+def int4_from_kernel(w: Tensor, dm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of int4_to_kernel: (q (N, K) uint8, d (N, G), m (N, G)) in float32 for d and m."""
     N = w.size(0)
-    b = w.view(N, -1, 16, 2)  # (N, blocks of 64, lane, byte)
-    return torch.stack([b[..., 0] & 0xF, b[..., 0] >> 4, b[..., 1] & 0xF, b[..., 1] >> 4], dim=2).reshape(N, -1)
+    b = w.view(N // 8, -1, 4, 8, 4)
+    q = torch.cat([b & 0xF, b >> 4], dim=2).permute(0, 3, 1, 2, 4).reshape(N, -1)
+    d, m = dm.permute(0, 3, 1, 2).reshape(N, 2, -1).float().unbind(1)
+    return q, d, m
 
 
 def dequantize_int4_kernel(w: Tensor, dm: Tensor) -> Tensor:
     """(N, K) float32 from the kernel layout: q * d + m per group."""
-    q = int4_from_kernel(w).float()
+    q, d, m = int4_from_kernel(w, dm)
     N, K = q.shape
-    d, m = dm.float().unbind(-1)  # (N, G) each
-    return (q.view(N, d.size(1), -1) * d[..., None] + m[..., None]).view(N, K)
+    return (q.float().view(N, d.size(1), -1) * d[..., None] + m[..., None]).view(N, K)
 
 
 # ---- the linear ops -------------------------------------------------------------------------------------

@@ -85,11 +85,11 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 # ---- modules the loader builds from a quantized checkpoint ------------------------------------------------
 
-def kernel_for(device: torch.device, in_features: int) -> str:
+def kernel_for(device: torch.device, in_features: int, out_features: int) -> str:
     """Which kernel a quantized layer uses: "cpp" (kernels.cpp), "cuda" (torch's) or "torch" (dequantize)."""
     if device.type == "cuda":
         return "cuda"
-    if device.type == "cpu" and in_features % 64 == 0 and kernels.cpu_kernels():
+    if device.type == "cpu" and in_features % 64 == 0 and out_features % 8 == 0 and kernels.cpu_kernels():
         return "cpp"
     return "torch"
 
@@ -107,7 +107,7 @@ class Int8Linear(nn.Module):
         self.kernel = None  # set by prepare() once the module is on its device
 
     def prepare(self) -> None:
-        self.kernel = kernel_for(self.weight.device, self.in_features)
+        self.kernel = kernel_for(self.weight.device, self.in_features, self.out_features)
         if self.kernel == "cuda" and self.scales.dim() == 2:
             self.kernel = "torch"  # torch's CUDA int8 kernel is per channel only
 
@@ -153,11 +153,10 @@ class Int4Linear(nn.Module):
         if self.kernel is not None:
             return
         q = unpack_int4(self.weight)
-        kernel = kernel_for(self.weight.device, self.in_features)
+        kernel = kernel_for(self.weight.device, self.in_features, self.out_features)
         if kernel == "cpp":  # (d, m) = (s, z - 8 s) per group, float16 (quantize_int4 makes them exact)
             s, z = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, G) each
-            self.weight = kernels.int4_to_kernel(q)
-            self.scales_and_zeros = torch.stack([s, z - 8 * s], dim=-1).half().contiguous()
+            self.weight, self.scales_and_zeros = kernels.int4_to_kernel(q, s, z - 8 * s)
         elif kernel == "cuda":
             self.weight = torch.ops.aten._convert_weight_to_int4pack(pack_int4(q).contiguous(), 8)
         else:
