@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from generate import DEFAULT_CHECKPOINT, PRECISIONS, load_model, resolve_device, run_cli
+from generate import (DEFAULT_CHECKPOINT, PRECISIONS, compile_step, decode_one_token, generate, load_model,
+                      resolve_device, run_cli)
 from tokenizer import get_tokenizer
 
 
@@ -50,32 +52,150 @@ def perplexity(model, ids: list[int], max_seq_length: int, stride: int) -> tuple
     return math.exp(nll / count), count
 
 
+def logits(model, x: Tensor, input_pos: Tensor) -> Tensor:
+    """The model's logits (B, T, vocab) in float32: what lm-eval's scores are computed from."""
+    return model(x, input_pos).float()
+
+
+def lm_eval_model(model, tokenizer, *, batch_size: int = 1, max_seq_length: int = 2048, compile: bool = False):
+    """Our model as an lm-eval `LM`: loglikelihood (batched), loglikelihood_rolling and generate_until.
+
+    Tokenization follows lm-eval's own `hf` model: the tokenizer's own BOS rule, the BOS (else EOS) token
+    as the context of an empty one, rolling windows of max_seq_length tokens for perplexity tasks.
+    """
+    from lm_eval import utils
+    from lm_eval.api.model import TemplateLM
+
+    device = model.norm.weight.device
+    model.setup_caches(batch_size, max_seq_length)
+    score = compile_step(logits, device, dynamic=True) if compile else logits
+    decode_step = compile_step(decode_one_token, device) if compile else decode_one_token
+
+    class FastLlamaLM(TemplateLM):
+        @property
+        def eot_token_id(self) -> int:
+            eos = tokenizer.token_to_id(tokenizer.eos_token) if tokenizer.eos_token else None
+            return eos if eos is not None else min(tokenizer.stop_ids)
+
+        @property
+        def prefix_token_id(self) -> int:
+            return tokenizer.bos_id if tokenizer.bos_id is not None else self.eot_token_id
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+            """None: the tokenizer's own default (BOS when its config adds one), as lm-eval's hf model does."""
+            return tokenizer.encode(string, add_special_tokens=True if add_special_tokens is None else add_special_tokens)
+
+        @torch.no_grad()
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            """(sum of log p(continuation | context), continuation is the greedy one) per (key, ctx, cont)."""
+            results = [None] * len(requests)
+            order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+            for start in range(0, len(order), batch_size):  # longest first, rows padded at the end
+                rows = order[start:start + batch_size]
+                seqs = [(requests[i][1] + requests[i][2])[-(max_seq_length + 1):-1] for i in rows]
+                T = max(len(q) for q in seqs)
+                x = torch.tensor([q + [0] * (T - len(q)) for q in seqs], device=device)  # (B, T)
+                logp = F.log_softmax(score(model, x, torch.arange(T, device=device)), dim=-1)  # (B, T, vocab)
+                for b, i in enumerate(rows):
+                    cont = torch.tensor(requests[i][2], device=device)
+                    lp = logp[b, len(seqs[b]) - cont.numel():len(seqs[b])]  # positions predicting cont
+                    results[i] = (lp.gather(-1, cont[:, None]).sum().item(), bool((lp.argmax(-1) == cont).all()))
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            return results
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            out = []
+            for (text,) in [r.args for r in requests]:
+                windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=max_seq_length, context_len=1)]
+                out.append(sum(s for s, _ in self._loglikelihood_tokens([(None, c, t) for c, t in windows])))
+            return out
+
+        @torch.no_grad()
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            """One request at a time: greedy (or sampled with do_sample), cut at the first `until` string."""
+            out = []
+            for context, gen_kwargs in [r.args for r in requests]:
+                until = gen_kwargs.get("until") or [tokenizer.decode([self.eot_token_id])]
+                until = [u for u in ([until] if isinstance(until, str) else until) if u]
+                max_gen = min(gen_kwargs.get("max_gen_toks", 256), max_seq_length - 1)
+                temperature = gen_kwargs.get("temperature", 0.0) if gen_kwargs.get("do_sample") else 0.0
+                ids = self.tok_encode(context)[-(max_seq_length - max_gen):] or [self.prefix_token_id]
+                new = generate(model, torch.tensor(ids, device=device), max_gen, stop_ids=tokenizer.stop_ids,
+                               decode_step=decode_step, temperature=temperature, top_k=None)[0].tolist()
+                text = tokenizer.decode([t for t in new if t not in tokenizer.stop_ids])
+                for u in until:
+                    text = text.split(u)[0]
+                out.append(text)
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            return out
+
+    return FastLlamaLM()
+
+
+def run_tasks(lm, tasks: list[str], include_path: Path | None, limit: int | None, log_samples: bool = False) -> dict:
+    """lm-eval's simple_evaluate on an LM; local task YAMLs from include_path work offline."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; check the name or pass --include_path DIR")
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=log_samples)
+
+
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | None = None,
-         max_seq_length: int | None = None, stride: int | None = None, device: str | None = None,
-         precision: str = "fp32") -> float:
-    """Print and return the perplexity of perplexity_file under the checkpoint."""
-    if perplexity_file is None:
-        raise ValueError("nothing to evaluate; pass --perplexity FILE")
-    if not Path(perplexity_file).is_file():
+         tasks: str | None = None, include_path: Path | None = None, limit: int | None = None,
+         batch_size: int = 1, compile: bool = False, max_seq_length: int | None = None, stride: int | None = None,
+         device: str | None = None, precision: str = "fp32") -> dict:
+    """Print and return the perplexity of perplexity_file and / or the lm-eval results of tasks."""
+    if perplexity_file is None and not tasks:
+        raise ValueError("nothing to evaluate; pass --perplexity FILE and/or --tasks NAMES")
+    if perplexity_file is not None and not Path(perplexity_file).is_file():
         raise FileNotFoundError(f"--perplexity file {perplexity_file} not found")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"--include_path {include_path} is not a folder of lm-eval task YAML files")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise ValueError("--batch_size and --limit must be at least 1")
     model = load_model(checkpoint_path, resolve_device(device), precision)
     tokenizer = get_tokenizer(checkpoint_path)
-    ids = tokenizer.encode(Path(perplexity_file).read_text())
-    seq = max_seq_length or min(model.config.block_size, 1024)
+    seq = max_seq_length or min(model.config.block_size, 1024 if perplexity_file else 2048)
     if seq > model.config.block_size:
         raise ValueError(f"--max_seq_length {seq} exceeds the model's context of {model.config.block_size}")
-    ppl, n = perplexity(model, ids, seq, stride or seq // 2)
-    print(f"perplexity {ppl:.4f} over {n} tokens of {perplexity_file} ({checkpoint_path}, {precision}, "
-          f"window {seq}, stride {stride or seq // 2})")
-    return ppl
+    out = {}
+    if perplexity_file is not None:
+        ids = tokenizer.encode(Path(perplexity_file).read_text())
+        ppl, n = perplexity(model, ids, seq, stride or seq // 2)
+        print(f"perplexity {ppl:.4f} over {n} tokens of {perplexity_file} ({checkpoint_path}, {precision}, "
+              f"window {seq}, stride {stride or seq // 2})")
+        out["perplexity"] = ppl
+    if tasks:
+        try:
+            from lm_eval.utils import make_table
+        except ImportError:
+            raise ValueError("--tasks needs lm-eval: pip install lm-eval==0.4.13") from None
+        lm = lm_eval_model(model, tokenizer, batch_size=batch_size, max_seq_length=seq, compile=compile)
+        results = run_tasks(lm, [t for t in tasks.split(",") if t], include_path, limit)
+        print(make_table(results))
+        out["results"] = results["results"]
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a fastllama checkpoint.")
+    p = argparse.ArgumentParser(description="Evaluate a fastllama checkpoint: perplexity of a text, lm-eval tasks.")
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT, help="model .pth or its folder")
     p.add_argument("--perplexity", dest="perplexity_file", type=Path, default=None, help="text file to score")
-    p.add_argument("--max_seq_length", type=int, default=None, help="window length (default: min(context, 1024))")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: half a window)")
+    p.add_argument("--tasks", type=str, default=None, help="lm-eval task names, comma-separated")
+    p.add_argument("--include_path", type=Path, default=None, help="folder of local lm-eval task YAMLs (e.g. tasks/)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    p.add_argument("--batch_size", type=int, default=1, help="sequences scored together (log-likelihood tasks)")
+    p.add_argument("--compile", action="store_true", help="torch.compile scoring and decoding")
+    p.add_argument("--max_seq_length", type=int, default=None,
+                   help="window length (default: min(context, 1024) for --perplexity, 2048 for tasks)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity: tokens between window starts (default: half a window)")
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="activations dtype")
     return p

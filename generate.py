@@ -10,6 +10,7 @@ References: gpt-fast generate.py, https://github.com/pytorch-labs/gpt-fast
 """
 import argparse
 import contextlib
+import functools
 import resource
 import sys
 import time
@@ -21,9 +22,10 @@ from torch import Tensor
 
 from checkpoint import build_model, load_state_dict, read_config
 from model import Transformer
-from tokenizer import get_tokenizer
+from tokenizer import get_tokenizer, tokenizer_fingerprint
 
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
+DEFAULT_PROMPT = "Hello, my name is"
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -158,22 +160,30 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def load_model(checkpoint_path, device="cpu", precision: str = "bf16") -> Transformer:
-    """The Transformer stored at checkpoint_path (a folder or its model.pth) on device, in precision."""
+def load_model(checkpoint_path, device="cpu", precision: str = "bf16", transform=None) -> Transformer:
+    """The Transformer stored at checkpoint_path (a folder or its model.pth) on device, in precision.
+
+    transform(model), when given, runs once the weights are in place and before quantized layers pick
+    their kernels: tp.shard and tp.split_layers use it.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     args, fmt = read_config(checkpoint_path)
     model = build_model(args, fmt)
     model.load_state_dict(load_state_dict(checkpoint_path), assign=True)
     model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
-    if fmt.get("quantization"):
+    quantized = bool(fmt.get("quantization"))
+    if quantized:
         from quantize import prepare, tie_quantized
-
-        if args.tie_embeddings:
+    if args.tie_embeddings:
+        if quantized:
             tie_quantized(model)
+        else:
+            model.output.weight = model.tok_embeddings.weight
+    if transform is not None:
+        transform(model)
+    if quantized:
         prepare(model)
-    elif args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
     return model
 
 
@@ -264,25 +274,62 @@ def chat(model, tokenizer, *, max_new_tokens, max_seq_length, sampling, decode_s
         print(f"\n[{len(new)} tokens in {dt:.2f} s, {len(cached)} tokens in cache]")
 
 
-def main(*, prompt: str = "Hello, my name is", interactive: bool = False, num_samples: int = 5,
+def main(*, prompt: str | list[str] | None = None, interactive: bool = False, num_samples: int = 5,
          max_new_tokens: int = 200, batch_size: int = 1, top_k: int | None = 200, top_p: float | None = None,
          temperature: float = 0.8, checkpoint_path: Path = DEFAULT_CHECKPOINT, compile: bool = False,
          compile_prefill: bool = False, device: str | None = None, profile: Path | None = None,
-         seed: int | None = None, precision: str = "bf16", max_seq_length: int | None = None) -> None:
-    """Load the model, then generate num_samples times (or chat) and print speed and memory."""
-    if not interactive and not prompt:
+         seed: int | None = None, precision: str = "bf16", max_seq_length: int | None = None,
+         draft_checkpoint_path: Path | None = None, speculate_k: int = 5, prompt_lookup: int | None = None,
+         prefix_file: Path | None = None, save_prefix_cache: Path | None = None,
+         load_prefix_cache: Path | None = None, devices: str | None = None) -> None:
+    """Load the model, then generate num_samples times for each prompt (or chat); print speed and memory."""
+    import prefix_cache  # these two import generate's steps themselves
+    import speculative
+    import tp
+
+    rank, world_size = tp.world()
+    log = functools.partial(tp.rank0_print, file=sys.stderr)
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt or [DEFAULT_PROMPT])
+    if not interactive and not all(prompts):
         raise ValueError("empty prompt; pass --prompt TEXT")
-    if min(max_new_tokens, num_samples, batch_size) < 1:
-        raise ValueError("--max_new_tokens, --num_samples and --batch_size must be at least 1")
+    if min(max_new_tokens, num_samples, batch_size, speculate_k) < 1 or (prompt_lookup is not None and prompt_lookup < 1):
+        raise ValueError("--max_new_tokens, --num_samples, --batch_size, --speculate_k and --prompt_lookup must be at least 1")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError("need --temperature >= 0, --top_k >= 1 and 0 < --top_p <= 1")
-    dev = resolve_device(device)
+    speculate = draft_checkpoint_path is not None or prompt_lookup is not None
+    use_prefix = prefix_file is not None or load_prefix_cache is not None
+    if draft_checkpoint_path is not None and prompt_lookup is not None:
+        raise ValueError("choose one way to speculate: --draft_checkpoint_path or --prompt_lookup")
+    if save_prefix_cache is not None and prefix_file is None:
+        raise ValueError("--save_prefix_cache needs the prefix text: add --prefix_file F")
+    if (speculate or use_prefix) and (batch_size != 1 or interactive):
+        raise ValueError("speculation and prefix caches work on one sequence: use --batch_size 1, not --interactive")
+    if speculate and use_prefix:
+        raise ValueError("speculation and a prefix cache cannot be combined (yet); use one of them")
+    if devices is not None and world_size > 1:
+        raise ValueError("--devices splits layers within one process; with torchrun leave it out")
+    stage_devices = [resolve_device(d) for d in devices.split(",")] if devices else None
+    dev = stage_devices[0] if stage_devices else tp.init(resolve_device(device))
+    if world_size > 1 and seed is None:
+        seed = 1234  # every rank must sample the same tokens
     if seed is not None:
         torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model = load_model(checkpoint_path, dev, precision)
+    stages = []
+    transform = (lambda m: stages.extend(tp.split_layers(m, stage_devices))) if stage_devices else (
+        tp.shard if world_size > 1 else None)
+    model = load_model(checkpoint_path, dev, precision, transform=transform)
     tokenizer = get_tokenizer(Path(checkpoint_path))
-    print(f"loaded {checkpoint_path} ({precision}, {dev}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    log(f"loaded {checkpoint_path} ({precision}, {dev}{f', rank {rank} of {world_size}' if world_size > 1 else ''}) "
+        f"in {time.perf_counter() - t0:.2f} s")
+    draft = None
+    if draft_checkpoint_path is not None:
+        draft = load_model(draft_checkpoint_path, dev, precision)
+        if (tokenizer_fingerprint(draft_checkpoint_path) != tokenizer_fingerprint(checkpoint_path)
+                or draft.config.vocab_size != model.config.vocab_size):
+            raise ValueError(f"the draft {draft_checkpoint_path} has a different tokenizer than the target "
+                             f"{checkpoint_path}; speculation needs the same one")
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     decode_step = compile_step(decode_one_token, dev) if compile else decode_one_token
     prefill_step = compile_step(prefill, dev, dynamic=True) if compile_prefill else prefill
@@ -291,58 +338,109 @@ def main(*, prompt: str = "Hello, my name is", interactive: bool = False, num_sa
         return chat(model, tokenizer, max_new_tokens=max_new_tokens, max_seq_length=seq, sampling=sampling,
                     decode_step=decode_step, prefill_step=prefill_step)
 
-    ids = tokenizer.encode(prompt)
-    max_new_tokens = _context_budget(model, len(ids), max_new_tokens)
-    if max_seq_length is not None and max_seq_length < len(ids) + max_new_tokens:
-        raise ValueError(f"--max_seq_length {max_seq_length} is shorter than the prompt ({len(ids)} tokens) "
+    cache_fp = prefix_cache.fingerprint(checkpoint_path, model) if use_prefix else None
+    saved = prefix_cache.load(load_prefix_cache, cache_fp) if load_prefix_cache is not None else None
+    prefix_text = prefix_file.read_text() if prefix_file is not None else saved["text"] if saved else ""
+    all_ids = [tokenizer.encode(prefix_text + p) for p in prompts]
+    room = speculate_k if speculate else 0  # the target also scores k guesses past the last token
+    longest = max(len(ids) for ids in all_ids)
+    max_new_tokens = _context_budget(model, longest + room, max_new_tokens)
+    if max_seq_length is not None and max_seq_length < longest + max_new_tokens + room:
+        raise ValueError(f"--max_seq_length {max_seq_length} is shorter than the longest prompt ({longest} tokens) "
                          f"plus --max_new_tokens ({max_new_tokens}); raise it or leave it unset")
-    model.setup_caches(batch_size, max_seq_length or len(ids) + max_new_tokens)
-    x = torch.tensor(ids, device=dev).repeat(batch_size, 1)  # (B, T)
+    seq_len = max_seq_length or longest + max_new_tokens + room
+    for m in (model, draft) if draft is not None else (model,):
+        m.setup_caches(batch_size, seq_len)
+    for i, (d, layers) in enumerate(stages):
+        log(f"stage {i} ({d}): layers {layers[0]}-{layers[-1]}, {tp.stage_bytes(model, layers) / 1e9:.3f} GB "
+            "of weights and KV cache")
+    cached = _setup_prefix(model, tokenizer, prefix_text, saved, save_prefix_cache, cache_fp, prefill_step) if use_prefix else []
+    spec = dict(k=speculate_k, draft=draft, prompt_lookup=prompt_lookup, prefill_step=prefill_step,
+                verify_step=compile_step(speculative.verify, dev) if compile else speculative.verify,
+                draft_step=decode_step)
+
+    def run(ids: list[int], on_token, stats) -> Tensor:
+        nonlocal cached
+        kw = dict(stop_ids=tokenizer.stop_ids, callback=on_token, **sampling)
+        if speculate:
+            return speculative.speculative_generate(model, torch.tensor(ids, device=dev), max_new_tokens,
+                                                    stats=stats, **spec, **kw)
+        if use_prefix:
+            new, cached = generate_cached(model, ids, cached, max_new_tokens, decode_step=decode_step,
+                                          prefill_step=prefill_step, **kw)
+            return torch.tensor([new])
+        x = torch.tensor(ids, device=dev).repeat(batch_size, 1)  # (B, T)
+        return generate(model, x, max_new_tokens, decode_step=decode_step, prefill_step=prefill_step, **kw)
+
     size = model_size_bytes(model)
-    runs = ([-1] if compile else []) + list(range(num_samples))  # run -1 compiles
-    for i in runs:
-        stream = TextStream(tokenizer) if batch_size == 1 and i >= 0 else None
-        first = []
+    for j, (text, ids) in enumerate(zip(prompts, all_ids)):
+        for i in ([-1] if compile and j == 0 else []) + list(range(num_samples)):  # run -1 compiles
+            stream = TextStream(tokenizer) if batch_size == 1 and i >= 0 and rank == 0 else None
+            first = []
 
-        def on_token(tok, stream=stream, first=first):
-            if not first:
-                first.append(time.perf_counter())
+            def on_token(tok, stream=stream, first=first):
+                if not first:
+                    first.append(time.perf_counter())
+                if stream is not None:
+                    stream(tok)
+
+            prof = torch.profiler.profile() if profile is not None and i == num_samples - 1 else contextlib.nullcontext()
             if stream is not None:
-                stream(tok)
+                print(text, end="", flush=True)
+            stats = speculative.Stats()
+            t0 = time.perf_counter()
+            with prof:
+                out = run(ids, on_token, stats)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t1 = time.perf_counter()
+            if i < 0:
+                log(f"compile time: {t1 - t0:.1f} s (first run, not counted)")
+                continue
+            if stream is not None:
+                print(flush=True)
+            else:
+                for row in out.tolist():
+                    tp.rank0_print(text + tokenizer.decode(row), "\n" + "-" * 40)
+            n = out.size(1)
+            ttft, decode_s = first[0] - t0, t1 - first[0]
+            tps = (n - 1) / decode_s if n > 1 else float("nan")
+            log(f"[sample {i}] {n} tokens x {batch_size}; time to first token {ttft * 1000:.0f} ms; "
+                f"decode {tps * batch_size:.1f} tok/s; bandwidth {size * tps / 1e9:.2f} GB/s")
+            if speculate:
+                log(f"[sample {i}] speculation: {stats.summary()}")
+            if isinstance(prof, torch.profiler.profile) and rank == 0:
+                prof.export_chrome_trace(str(profile))
+                log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+                log(f"profile trace written to {profile}")
+    log(f"model size {size / 1e9:.3f} GB{' per rank' if world_size > 1 else ''}; "
+        f"peak memory {peak_memory_bytes(dev) / 1e9:.2f} GB")
 
-        prof = torch.profiler.profile() if profile is not None and i == num_samples - 1 else contextlib.nullcontext()
-        if stream is not None:
-            print(prompt, end="", flush=True)
-        t0 = time.perf_counter()
-        with prof:
-            out = generate(model, x, max_new_tokens, stop_ids=tokenizer.stop_ids, callback=on_token,
-                           decode_step=decode_step, prefill_step=prefill_step, **sampling)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t1 = time.perf_counter()
-        if i < 0:
-            print(f"compile time: {t1 - t0:.1f} s (first run, not counted)", file=sys.stderr)
-            continue
-        if stream is not None:
-            print(flush=True)
-        else:
-            for row in out.tolist():
-                print(prompt + tokenizer.decode(row), "\n" + "-" * 40)
-        n = out.size(1)
-        ttft, decode_s = first[0] - t0, t1 - first[0]
-        tps = (n - 1) / decode_s if n > 1 else float("nan")
-        print(f"[sample {i}] {n} tokens x {batch_size}; time to first token {ttft * 1000:.0f} ms; "
-              f"decode {tps * batch_size:.1f} tok/s; bandwidth {size * tps / 1e9:.2f} GB/s", file=sys.stderr)
-        if isinstance(prof, torch.profiler.profile):
-            prof.export_chrome_trace(str(profile))
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
-            print(f"profile trace written to {profile}", file=sys.stderr)
-    print(f"model size {size / 1e9:.3f} GB; peak memory {peak_memory_bytes(dev) / 1e9:.2f} GB", file=sys.stderr)
+
+def _setup_prefix(model, tokenizer, text: str, saved: dict | None, save_path: Path | None, fp: dict,
+                  prefill_step) -> list[int]:
+    """Put the prefix's KV into the cache (from a saved file, else by prefilling it); the tokens it holds."""
+    import prefix_cache
+
+    t0 = time.perf_counter()
+    ids = tokenizer.encode(text)
+    if saved is not None and (not text or saved["tokens"] == ids):
+        cached = prefix_cache.restore(model, saved)
+        print(f"prefix: {len(cached)} tokens loaded from the cache file in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+        return cached
+    device = model.norm.weight.device
+    prefill_step(model, torch.tensor([ids], device=device), torch.arange(len(ids), device=device))
+    print(f"prefix: {len(ids)} tokens prefilled in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    if save_path is not None:
+        prefix_cache.save(save_path, model, ids, text, fp)
+        print(f"prefix cache written to {save_path}", file=sys.stderr)
+    return ids
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate text with a fastllama checkpoint.")
-    p.add_argument("--prompt", type=str, default="Hello, my name is", help="text to continue")
+    p.add_argument("--prompt", type=str, action="append", default=None,
+                   help=f"text to continue; repeat for several prompts (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat using the model's chat template")
     p.add_argument("--num_samples", type=int, default=5, help="how many times to generate")
     p.add_argument("--max_new_tokens", type=int, default=200, help="most tokens to generate per sample / turn")
@@ -354,20 +452,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--devices", type=str, default=None,
+                   help="comma-separated devices to split the layers over, run in sequence (e.g. cuda:0,cuda:1)")
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample here")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--precision", choices=list(PRECISIONS), default="bf16", help="weights and activations dtype")
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="KV cache length (default: prompt + max_new_tokens; 2048 in --interactive)")
+    g = p.add_argument_group("speculative decoding (batch 1)")
+    g.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                   help="a smaller or quantized model with the same tokenizer that proposes tokens")
+    g.add_argument("--speculate_k", type=int, default=5, help="tokens proposed per target pass")
+    g.add_argument("--prompt_lookup", type=int, default=None, metavar="N",
+                   help="propose the tokens that followed the last N-gram earlier in the text (no draft model)")
+    g = p.add_argument_group("prefix caching (batch 1)")
+    g.add_argument("--prefix_file", type=Path, default=None, help="text before every prompt, prefilled once")
+    g.add_argument("--save_prefix_cache", type=Path, default=None, help="write the prefix's KV cache to this file")
+    g.add_argument("--load_prefix_cache", type=Path, default=None, help="start from a KV cache file saved earlier")
     return p
 
 
 def run_cli(main_fn, parser: argparse.ArgumentParser):
     """Call main_fn with the parsed flags; a user's mistake (ValueError, FileNotFoundError) exits with one line."""
+    import tp
+
     try:
         return main_fn(**vars(parser.parse_args()))
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        tp.rank0_print(f"error: {e}", file=sys.stderr)  # every rank meets the same error; one line is enough
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -277,16 +277,17 @@ class Transformer(nn.Module):
         self.max_seq_length = -1
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
-        """Allocate the KV cache, rotary table and mask on the weights' device, in the weights' dtype."""
+        """Allocate each layer's KV cache beside it, the rotary table and mask beside the embedding."""
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}")
         if self.max_batch_size >= max_batch_size and self.max_seq_length == max_seq_length:
             return
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
-        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        dtype, device = self.norm.weight.dtype, self.tok_embeddings.weight.device
         c = self.config
-        for block in self.layers:
-            block.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_kv_heads, c.head_dim, dtype).to(device)
+        for block in self.layers:  # each block's own heads (fewer under tensor parallelism) and device
+            a, w = block.attention, block.attention_norm.weight
+            a.kv_cache = KVCache(max_batch_size, max_seq_length, a.n_kv_heads, a.head_dim, dtype).to(w.device)
         freqs = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling)
         self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
         pos = torch.arange(max_seq_length, device=device)
@@ -301,6 +302,7 @@ class Transformer(nn.Module):
         mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, S)
         freqs_cis = self.freqs_cis[input_pos]  # (T, head_dim / 2, 2)
         x = self.tok_embeddings(idx)  # (B, T, dim)
-        for layer in self.layers:
-            x = layer(x, freqs_cis, mask, input_pos)
-        return self.output(self.norm(x))
+        for layer in self.layers:  # layers may sit on several devices (tp.split_layers); .to is free on one
+            dev = layer.attention_norm.weight.device
+            x = layer(x.to(dev), freqs_cis.to(dev), mask.to(dev), input_pos.to(dev))
+        return self.output(self.norm(x.to(self.norm.weight.device)))

@@ -6,6 +6,7 @@
 Every tokenizer has encode / decode, bos_id, stop_ids and apply_chat_template; the chat template is
 the model's own (tokenizer_config.json or chat_template.jinja), rendered the way transformers does.
 """
+import hashlib
 import json
 import re
 from datetime import datetime
@@ -192,16 +193,26 @@ class TiktokenTokenizer(Tokenizer):
         return ids[0] if len(ids) == 1 else None
 
 
-def get_tokenizer(path) -> Tokenizer:
-    """The tokenizer stored in a checkpoint folder (or beside a model.pth / tokenizer file given directly)."""
+def tokenizer_file(path) -> Path:
+    """The tokenizer file of a checkpoint folder (or of the folder of a model.pth given directly)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    if (folder / "tokenizer.json").is_file():
-        return HFTokenizer(folder)
-    model = folder / "tokenizer.model"
-    if model.is_file():
-        head = model.read_bytes()[:256]
-        if re.match(rb"[A-Za-z0-9+/=]+ \d+\n", head):
-            return TiktokenTokenizer(folder)
-        return SentencePieceTokenizer(folder)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (folder / name).is_file():
+            return folder / name
     raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {folder}; re-run scripts/prepare.sh for this model")
+
+
+def tokenizer_fingerprint(path) -> str:
+    """sha256 of a checkpoint's tokenizer file: equal fingerprints mean the same text <-> id mapping."""
+    return hashlib.sha256(tokenizer_file(path).read_bytes()).hexdigest()
+
+
+def get_tokenizer(path) -> Tokenizer:
+    """The tokenizer stored in a checkpoint folder (or beside a model.pth / tokenizer file given directly)."""
+    file = tokenizer_file(path)
+    if file.name == "tokenizer.json":
+        return HFTokenizer(file.parent)
+    if re.match(rb"[A-Za-z0-9+/=]+ \d+\n", file.read_bytes()[:256]):
+        return TiktokenTokenizer(file.parent)
+    return SentencePieceTokenizer(file.parent)

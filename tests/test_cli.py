@@ -81,7 +81,7 @@ def test_cli_real_model(smollm2_dir):
     (["--prompt", ""], "empty prompt"),
     (["--prompt", "word " * 200], "context is 128"),
     (["--max_new_tokens", "0"], "at least 1"),
-    (["--max_seq_length", "4"], "shorter than the prompt"),
+    (["--max_seq_length", "4"], "shorter than the longest prompt"),
     (["--interactive", "--max_seq_length", "4096"], "exceeds the model's context of 128"),
 ])
 def test_cli_bad_input_is_one_clear_line(tiny_llama, args, message):

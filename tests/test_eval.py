@@ -56,3 +56,82 @@ def test_eval_cli(tiny_llama, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint_path", str(folder), "--perplexity",
                         str(tmp_path / "missing.txt")], capture_output=True, text=True)
     assert r.returncode != 0 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+TASKS = ROOT / "tasks"
+
+
+@pytest.fixture(scope="module")
+def tiny_with_hf_tokenizer(tmp_path_factory, spm_dir):
+    """A tiny Llama whose sentencepiece tokenizer transformers can also load (tokenizer_config.json)."""
+    import json
+
+    from conftest import make_hf_model
+    from transformers import AutoTokenizer
+
+    tok_dir = tmp_path_factory.mktemp("spm_cfg")
+    (tok_dir / "tokenizer.model").write_bytes((spm_dir / "tokenizer.model").read_bytes())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    folder = tmp_path_factory.mktemp("tiny_eval")
+    hf = make_hf_model("llama31_gqa", folder, tok_dir)
+    return hf, AutoTokenizer.from_pretrained(tok_dir), folder
+
+
+def test_lm_eval_matches_lm_evals_own_hf_model(tiny_with_hf_tokenizer):
+    """Same accuracy, log-likelihoods, rolling perplexities and greedy generations as lm-eval's `hf` model."""
+    from lm_eval.models.huggingface import HFLM
+
+    hf, hf_tok, folder = tiny_with_hf_tokenizer
+    tasks = ["fastllama_facts", "fastllama_text", "fastllama_facts_gen"]
+    ours = ev.lm_eval_model(load_model(folder, "cpu", "fp32"), get_tokenizer(folder), batch_size=3, max_seq_length=128)
+    theirs = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=3, max_length=128)
+    runs = [ev.run_tasks(lm, tasks, TASKS, limit=6, log_samples=True) for lm in (ours, theirs)]
+    for task in tasks:
+        a, b = (r["samples"][task] for r in runs)
+        assert len(a) == len(b) == 6
+        for sa, sb in zip(a, b):
+            for ra, rb in zip(sa["resps"], sb["resps"]):
+                if isinstance(ra[0], str):  # generations: tested below (the random model's byte tokens decode
+                    assert len(ra) == len(rb)  # differently in sentencepiece and transformers)
+                else:
+                    torch.testing.assert_close(torch.tensor(ra[0], dtype=torch.float64),
+                                               torch.tensor(rb[0], dtype=torch.float64), rtol=1e-4, atol=1e-4,
+                                               msg=f"{task}: {ra} vs {rb}")
+        ma, mb = (r["results"][task] for r in runs)
+        for k in ma:
+            if k.endswith(",none") and not k.startswith(("alias", "samples")) and "stderr" not in k:
+                assert ma[k] == pytest.approx(mb[k], rel=1e-4), (task, k)
+
+
+def test_eval_cli_tasks_and_errors(tiny_llama, tmp_path):
+    _, folder = tiny_llama
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint_path", str(folder), "--tasks",
+                        "fastllama_facts", "--include_path", str(TASKS), "--limit", "4", "--batch_size", "2",
+                        "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "fastllama_facts" in r.stdout and "acc" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint_path", str(folder), "--tasks",
+                        "no_such_task", "--include_path", str(TASKS)], capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown lm-eval task" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_until_is_transformers_greedy_cut_at_until(tiny_with_hf_tokenizer):
+    from types import SimpleNamespace
+
+    hf, _, folder = tiny_with_hf_tokenizer
+    tok = get_tokenizer(folder)
+    lm = ev.lm_eval_model(load_model(folder, "cpu", "fp32"), tok, max_seq_length=128)
+    for context in ["Question: What is the capital of France?\nAnswer:", "def main(args):"]:
+        ids = tok.encode(context)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        ref = ref[:min([ref.index(t) for t in tok.stop_ids if t in ref] + [len(ref)])]
+        full = tok.decode(ref)
+        for until in (["\n"], ["e", "a"], []):
+            got = lm.generate_until([SimpleNamespace(args=(context, {"until": until, "max_gen_toks": 12}))])[0]
+            expected = full
+            for u in until:
+                expected = expected.split(u)[0]
+            assert got == expected

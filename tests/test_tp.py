@@ -1,0 +1,126 @@
+"""Tensor parallelism over 2 CPU processes (gloo) and layers split over several devices: same logits and tokens."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import quantize as qz
+import tp
+from generate import generate, load_model
+from test_cli import ROOT, run
+
+IDX = torch.tensor([[5, 80, 13, 200, 7, 9, 301, 44]])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference(path):
+    model = load_model(path, "cpu", "fp32")
+    model.setup_caches(1, 40)
+    with torch.no_grad():
+        logits = model(IDX, torch.arange(IDX.size(1)))
+    return logits, generate(model, IDX, 16, temperature=0.0)
+
+
+def _worker(rank: int, size: int, port: int, path, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tp.init(torch.device("cpu"))
+    logits, tokens = reference_sharded(path)
+    if rank == 0:
+        torch.save({"logits": logits, "tokens": tokens}, out)
+    torch.distributed.destroy_process_group()
+
+
+def reference_sharded(path):
+    model = load_model(path, "cpu", "fp32", transform=tp.shard)
+    model.setup_caches(1, 40)
+    with torch.no_grad():
+        logits = model(IDX, torch.arange(IDX.size(1)))
+    return logits, generate(model, IDX, 16, temperature=0.0)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+def test_two_processes_match_one(tiny_llama, tmp_path, mode):
+    _, folder = tiny_llama
+    path = folder if mode == "fp32" else qz.main(checkpoint_path=folder / "model.pth", mode="int8")
+    logits, tokens = reference(path)
+    mp.spawn(_worker, args=(2, free_port(), path, tmp_path / "out.pt"), nprocs=2, join=True)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.testing.assert_close(got["logits"], logits, rtol=1e-4, atol=1e-4)
+    assert got["tokens"].tolist() == tokens.tolist()
+
+
+def test_shard_keeps_gqa_groups_and_scales(tiny_llama):
+    """One rank's slices by hand: q heads 0-1 with kv head 0; int8 scales follow their rows."""
+    _, folder = tiny_llama
+    path = qz.main(checkpoint_path=folder / "model.pth", mode="int8")
+    full = load_model(path, "cpu", "fp32")
+    part = load_model(path, "cpu", "fp32", transform=lambda m: tp.shard(m, 0, 2))
+    a, b = full.layers[0].attention, part.layers[0].attention
+    hd, c = a.head_dim, full.config
+    rows = list(range(0, c.n_head // 2 * hd)) + [c.n_head * hd + i for i in range(c.n_kv_heads // 2 * hd)]
+    rows += [(c.n_head + c.n_kv_heads) * hd + i for i in range(c.n_kv_heads // 2 * hd)]
+    assert torch.equal(b.wqkv.weight, a.wqkv.weight[rows]) and torch.equal(b.wqkv.scales, a.wqkv.scales[rows])
+    assert torch.equal(b.wo.weight, a.wo.weight[:, : c.n_head // 2 * hd]) and torch.equal(b.wo.scales, a.wo.scales)
+    assert (b.n_head, b.n_kv_heads) == (c.n_head // 2, c.n_kv_heads // 2)
+    assert b.wqkv.kernel == a.wqkv.kernel  # sharded before the kernels were picked
+
+
+def test_world_size_must_divide_heads(tiny_llama):
+    _, folder = tiny_llama
+    model = load_model(folder, "cpu", "fp32")
+    with pytest.raises(ValueError, match="n_kv_heads=2"):
+        tp.check_divisible(model.config, 4)
+    with pytest.raises(ValueError, match="int4 groups of 32"):
+        tp.check_divisible(model.config, 2, groupsize=32)  # intermediate 96 / 2 = 48 is not a multiple of 32
+
+
+def test_torchrun_generate(tiny_llama):
+    """torchrun --nproc_per_node=2 generate.py --compile prints the single-process greedy text, once."""
+    _, folder = tiny_llama
+    args = ["--checkpoint_path", folder, "--device", "cpu", "--precision", "fp32", "--temperature", "0",
+            "--max_new_tokens", "12", "--num_samples", "1", "--prompt", "def main(args):"]
+    single = run(*args)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            f"--master_port={free_port()}", str(ROOT / "generate.py"), *map(str, args), "--compile"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-3000:]
+    assert multi.stdout == single.stdout
+    assert multi.stderr.count("time to first token") == 1  # rank 0 only
+    bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
+                          f"--master_port={free_port()}", str(ROOT / "generate.py"), *map(str, args)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    # one line from rank 0 (torchrun then adds its own summary of the failed workers)
+    assert bad.returncode != 0 and bad.stderr.count("error: tensor parallelism over 4 processes") == 1
+    assert "n_kv_heads=2" in bad.stderr and "ValueError" not in bad.stderr
+
+
+def test_layers_split_over_devices(tiny_llama):
+    _, folder = tiny_llama
+    logits, tokens = reference(folder)
+    model = load_model(folder, "cpu", "fp32")
+    stages = tp.split_layers(model, [torch.device("cpu")] * 2)
+    assert [list(r) for _, r in stages] == [[0], [1]]
+    model.setup_caches(1, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDX, torch.arange(IDX.size(1))), logits)
+    assert generate(model, IDX, 16, temperature=0.0).tolist() == tokens.tolist()
+    assert all(tp.stage_bytes(model, r) > 0 for _, r in stages)
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        tp.split_layers(model, [torch.device("cpu")] * 3)
+    r = run("--checkpoint_path", folder, "--devices", "cpu,cpu", "--precision", "fp32", "--temperature", "0",
+            "--max_new_tokens", "8", "--num_samples", "1", "--prompt", "def main(args):")
+    single = run("--checkpoint_path", folder, "--device", "cpu", "--precision", "fp32", "--temperature", "0",
+                 "--max_new_tokens", "8", "--num_samples", "1", "--prompt", "def main(args):")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == single.stdout and "stage 0 (cpu): layers 0-0" in r.stderr
