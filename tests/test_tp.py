@@ -22,8 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reference(path):
-    model = load_model(path, "cpu", "fp32")
+def reference(path, transform=None):
+    """Logits of IDX and 16 greedy tokens, for the whole model or (transform=tp.shard) this rank's slices."""
+    model = load_model(path, "cpu", "fp32", transform=transform)
     model.setup_caches(1, 40)
     with torch.no_grad():
         logits = model(IDX, torch.arange(IDX.size(1)))
@@ -34,18 +35,10 @@ def _worker(rank: int, size: int, port: int, path, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     tp.init(torch.device("cpu"))
-    logits, tokens = reference_sharded(path)
+    logits, tokens = reference(path, tp.shard)
     if rank == 0:
         torch.save({"logits": logits, "tokens": tokens}, out)
     torch.distributed.destroy_process_group()
-
-
-def reference_sharded(path):
-    model = load_model(path, "cpu", "fp32", transform=tp.shard)
-    model.setup_caches(1, 40)
-    with torch.no_grad():
-        logits = model(IDX, torch.arange(IDX.size(1)))
-    return logits, generate(model, IDX, 16, temperature=0.0)
 
 
 @pytest.mark.parametrize("mode", ["fp32", "int8"])
