@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from generate import (DEFAULT_CHECKPOINT, PRECISIONS, compile_step, decode_one_token, generate, load_model,
-                      resolve_device, run_cli)
+from generate import (DEFAULT_CHECKPOINT, PRECISIONS, compile_step, decode_one_token, generate, left_pad,
+                      load_model, resolve_device, run_cli, until_stop)
 from tokenizer import get_tokenizer
 
 
@@ -115,21 +115,34 @@ def lm_eval_model(model, tokenizer, *, batch_size: int = 1, max_seq_length: int 
 
         @torch.no_grad()
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            """One request at a time: greedy (or sampled with do_sample), cut at the first `until` string."""
-            out = []
-            for context, gen_kwargs in [r.args for r in requests]:
+            """Greedy (or sampled with do_sample), cut at the first `until` string; batch_size requests at once.
+
+            Requests with the same generation arguments are batched, longest first, left-padded (left_pad).
+            """
+            out = [None] * len(requests)
+            groups = {}
+            for i, (context, gen_kwargs) in enumerate(r.args for r in requests):
+                groups.setdefault(repr(sorted(gen_kwargs.items())), []).append(i)
+            for rows in groups.values():
+                context, gen_kwargs = requests[rows[0]].args
                 until = gen_kwargs.get("until") or [tokenizer.decode([self.eot_token_id])]
                 until = [u for u in ([until] if isinstance(until, str) else until) if u]
                 max_gen = min(gen_kwargs.get("max_gen_toks", 256), max_seq_length - 1)
                 temperature = gen_kwargs.get("temperature", 0.0) if gen_kwargs.get("do_sample") else 0.0
-                ids = self.tok_encode(context)[-(max_seq_length - max_gen):] or [self.prefix_token_id]
-                new = generate(model, torch.tensor(ids, device=device), max_gen, stop_ids=tokenizer.stop_ids,
-                               decode_step=decode_step, temperature=temperature, top_k=None)[0].tolist()
-                text = tokenizer.decode([t for t in new if t not in tokenizer.stop_ids])
-                for u in until:
-                    text = text.split(u)[0]
-                out.append(text)
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                ids = {i: self.tok_encode(requests[i].args[0])[-(max_seq_length - max_gen):] or [self.prefix_token_id]
+                       for i in rows}
+                rows.sort(key=lambda i: -len(ids[i]))
+                for start in range(0, len(rows), batch_size):
+                    batch = rows[start:start + batch_size]
+                    x, key_mask = left_pad([ids[i] for i in batch], max_seq_length, device)
+                    new = generate(model, x, max_gen, stop_ids=tokenizer.stop_ids, decode_step=decode_step,
+                                   key_mask=key_mask, temperature=temperature, top_k=None)
+                    for i, row in zip(batch, new.tolist()):
+                        text = tokenizer.decode(until_stop(row, tokenizer.stop_ids))
+                        for u in until:
+                            text = text.split(u)[0]
+                        out[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
             return out
 
     return FastLlamaLM()
@@ -191,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=str, default=None, help="lm-eval task names, comma-separated")
     p.add_argument("--include_path", type=Path, default=None, help="folder of local lm-eval task YAMLs (e.g. tasks/)")
     p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
-    p.add_argument("--batch_size", type=int, default=1, help="sequences scored together (log-likelihood tasks)")
+    p.add_argument("--batch_size", type=int, default=1, help="sequences scored or generated together")
     p.add_argument("--compile", action="store_true", help="torch.compile scoring and decoding")
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="window length (default: min(context, 1024) for --perplexity, 2048 for tasks)")

@@ -61,14 +61,15 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
 
 # ---- the two model steps ----------------------------------------------------------------------------------
 
-def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Tensor:
+def prefill(model: Transformer, x: Tensor, input_pos: Tensor, key_mask: Tensor | None = None, **sampling) -> Tensor:
     """Run the prompt x (B, T) at positions input_pos (T,); return the first new token (B, 1)."""
-    return sample(model(x, input_pos), **sampling)[0]
+    return sample(model(x, input_pos, key_mask), **sampling)[0]
 
 
-def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> tuple[Tensor, Tensor]:
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, key_mask: Tensor | None = None,
+                     **sampling) -> tuple[Tensor, Tensor]:
     """Feed one token x (B, 1) at position input_pos (1,); return the next token (B, 1) and its probs."""
-    return sample(model(x, input_pos), **sampling)
+    return sample(model(x, input_pos, key_mask), **sampling)
 
 
 def compile_step(fn, device: torch.device, dynamic: bool = False):
@@ -95,15 +96,30 @@ def compile_step(fn, device: torch.device, dynamic: bool = False):
     return step
 
 
+def left_pad(rows: list[list[int]], max_seq_length: int, device) -> tuple[Tensor, Tensor]:
+    """Token lists of different lengths as one batch: (x (B, T) left-padded with 0, key_mask (B, S))."""
+    T = max(len(r) for r in rows)
+    x = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)
+    pad = torch.tensor([T - len(r) for r in rows], device=device)
+    return x, torch.arange(max_seq_length, device=device)[None, :] >= pad[:, None]
+
+
+def until_stop(row: list[int], stop_ids) -> list[int]:
+    """The tokens of row before its first stop id."""
+    return next((row[:i] for i, t in enumerate(row) if t in stop_ids), row)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, start_pos: int = 0,
              stop_ids=(), callback=None, prefill_step=prefill, decode_step=decode_one_token,
-             **sampling) -> Tensor:
+             key_mask: Tensor | None = None, **sampling) -> Tensor:
     """Generate up to max_new_tokens after prompt (B, T) or (T,); return the new tokens (B, N).
 
     The prompt is written into the KV cache at positions start_pos.. (earlier positions hold a cached
-    prefix); generation stops early once every row has produced a stop id. callback(tokens (B, 1))
-    sees each new token as soon as it exists. The last returned token is not yet in the cache.
+    prefix); generation stops early once every row has produced a stop id (rows that stopped earlier
+    go on: cut them with until_stop). key_mask (B, S) masks the padding of left-padded rows (left_pad).
+    callback(tokens (B, 1)) sees each new token as soon as it exists. The last returned token is not
+    yet in the cache.
     """
     prompt = prompt.view(1, -1) if prompt.dim() == 1 else prompt
     B, T = prompt.shape
@@ -113,7 +129,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, start_p
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=prompt.dtype)
     done = torch.zeros(B, 1, dtype=torch.bool, device=device)
     input_pos = torch.arange(start_pos, start_pos + T, device=device)
-    token = prefill_step(model, prompt, input_pos, **sampling)
+    token = prefill_step(model, prompt, input_pos, key_mask, **sampling)
     out = [token]
     for i in range(max_new_tokens):
         if callback is not None:
@@ -122,7 +138,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, start_p
         if i == max_new_tokens - 1 or bool(done.all()):
             break
         pos = torch.tensor([start_pos + T + i], device=device)
-        token, _ = decode_step(model, token.clone(), pos, **sampling)
+        token, _ = decode_step(model, token.clone(), pos, key_mask, **sampling)
         out.append(token)
     return torch.cat(out, dim=1)
 

@@ -296,10 +296,18 @@ class Transformer(nn.Module):
             mask &= pos[None, :] > pos[:, None] - c.sliding_window
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        """Logits (B, T, vocab) for tokens idx (B, T) at positions input_pos (T,)."""
+    def forward(self, idx: Tensor, input_pos: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """Logits (B, T, vocab) for tokens idx (B, T) at positions input_pos (T,).
+
+        key_mask (B, S), when given, says which cache positions each row may attend to: rows of different
+        lengths are left-padded and their padding masked. A padding position still sees itself, so that
+        its (unused) output stays finite.
+        """
         assert self.max_seq_length > 0, "call setup_caches first"
         mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, S)
+        if key_mask is not None:
+            own = torch.arange(self.max_seq_length, device=input_pos.device) == input_pos[:, None]  # (T, S)
+            mask = mask & (key_mask[:, None, None, :] | own)  # (B, 1, T, S)
         freqs_cis = self.freqs_cis[input_pos]  # (T, head_dim / 2, 2)
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:  # layers may sit on several devices (tp.split_layers); .to is free on one

@@ -117,21 +117,27 @@ def test_eval_cli_tasks_and_errors(tiny_llama, tmp_path):
 
 
 def test_generate_until_is_transformers_greedy_cut_at_until(tiny_with_hf_tokenizer):
+    """Each request's text equals transformers' greedy generation of its context alone, also in batches of 3."""
     from types import SimpleNamespace
 
     hf, _, folder = tiny_with_hf_tokenizer
     tok = get_tokenizer(folder)
-    lm = ev.lm_eval_model(load_model(folder, "cpu", "fp32"), tok, max_seq_length=128)
-    for context in ["Question: What is the capital of France?\nAnswer:", "def main(args):"]:
+    model = load_model(folder, "cpu", "fp32")
+    contexts = ["Question: What is the capital of France?\nAnswer:", "def main(args):", "Hi", "x = [1, 2, 3]\n"
+                "for i in x:\n    print(i)"]
+    requests, expected = [], []
+    for context in contexts:
         ids = tok.encode(context)
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                               max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
-        ref = ref[:min([ref.index(t) for t in tok.stop_ids if t in ref] + [len(ref)])]
-        full = tok.decode(ref)
+        full = tok.decode(ref[:min([ref.index(t) for t in tok.stop_ids if t in ref] + [len(ref)])])
         for until in (["\n"], ["e", "a"], []):
-            got = lm.generate_until([SimpleNamespace(args=(context, {"until": until, "max_gen_toks": 12}))])[0]
-            expected = full
+            requests.append(SimpleNamespace(args=(context, {"until": until, "max_gen_toks": 12})))
+            text = full
             for u in until:
-                expected = expected.split(u)[0]
-            assert got == expected
+                text = text.split(u)[0]
+            expected.append(text)
+    for batch_size in (1, 3):
+        lm = ev.lm_eval_model(model, tok, batch_size=batch_size, max_seq_length=128)
+        assert lm.generate_until(requests) == expected

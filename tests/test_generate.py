@@ -1,7 +1,8 @@
 """KV cache, batching, compiled decode and cached prefixes, on a tiny GQA model."""
 import torch
 
-from generate import compile_step, decode_one_token, generate, generate_cached, load_model, prefill
+from generate import (compile_step, decode_one_token, generate, generate_cached, left_pad, load_model, prefill,
+                      until_stop)
 
 
 def test_prefill_then_decode_equals_full_forward(tiny_llama):
@@ -28,6 +29,30 @@ def test_batch_rows_equal_single_runs(tiny_llama):
         model.setup_caches(1, 30)
         single = generate(model, prompts[row], 20, temperature=0.0)
         assert batched[row].tolist() == single[0].tolist()
+
+
+def test_left_padded_rows_equal_single_runs(tiny_llama, reset_dynamo):
+    """Prompts of different lengths in one batch: same logits and greedy tokens as each alone (eager, compiled)."""
+    _, folder = tiny_llama
+    model = load_model(folder, "cpu", "fp32")
+    prompts = [[4, 5, 6, 7, 8, 9, 10], [100, 3], [7, 250, 7, 1]]
+    singles, last_logits = [], []
+    for p in prompts:
+        model.setup_caches(1, 30)
+        with torch.no_grad():
+            last_logits.append(model(torch.tensor([p]), torch.arange(len(p)))[0, -1])
+        model.setup_caches(1, 30)
+        singles.append(generate(model, torch.tensor(p), 15, temperature=0.0)[0].tolist())
+    model.setup_caches(3, 30)
+    x, key_mask = left_pad(prompts, 30, "cpu")
+    assert x.tolist()[1] == [0] * 5 + prompts[1] and key_mask[1].tolist() == [False] * 5 + [True] * 25
+    with torch.no_grad():
+        logits = model(x, torch.arange(x.size(1)), key_mask)[:, -1]
+    torch.testing.assert_close(logits, torch.stack(last_logits), rtol=1e-4, atol=1e-4)
+    for step in (decode_one_token, compile_step(decode_one_token, torch.device("cpu"))):
+        batched = generate(model, x, 15, temperature=0.0, key_mask=key_mask, decode_step=step)
+        assert batched.tolist() == singles
+    assert until_stop([5, 6, 2, 7, 2], {2}) == [5, 6] and until_stop([5, 6], {2}) == [5, 6]
 
 
 def test_stop_ids_end_generation(tiny_llama):
