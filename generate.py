@@ -63,7 +63,7 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
 
 def prefill(model: Transformer, x: Tensor, input_pos: Tensor, key_mask: Tensor | None = None, **sampling) -> Tensor:
     """Run the prompt x (B, T) at positions input_pos (T,); return the first new token (B, 1)."""
-    return sample(model(x, input_pos, key_mask), **sampling)[0]
+    return sample(model(x, input_pos, key_mask, last_only=True), **sampling)[0]
 
 
 def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, key_mask: Tensor | None = None,
@@ -200,6 +200,10 @@ def load_model(checkpoint_path, device="cpu", precision: str = "bf16", transform
         transform(model)
     if quantized:
         prepare(model)
+    elif model.norm.weight.device.type == "cpu" and precision in ("bf16", "fp16"):
+        from kernels import use_half_linear
+
+        use_half_linear(model)  # prefill GEMMs in float32 where the CPU has no bf16 arithmetic
     return model
 
 

@@ -181,11 +181,11 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) v for q (B, H, T, D) over k, v (B, KV, S, D) with H a multiple of KV."""
     B, H, T, D = q.shape
     KV = k.size(1)
-    qg = q.view(B, KV, H // KV, T, D)  # (B, KV, rep, T, D): the query heads that share each kv head
-    scores = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() / math.sqrt(D)  # (B, KV, rep, T, S)
-    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
-    y = torch.softmax(scores, dim=-1).to(v.dtype) @ v.unsqueeze(2)  # (B, KV, rep, T, D)
-    return y.view(B, H, T, D)
+    qg = q.reshape(B, KV, H // KV * T, D)  # (B, KV, rep * T, D): the query heads that share each kv head
+    scores = (qg @ k.transpose(-1, -2)).float() / math.sqrt(D)  # (B, KV, rep * T, S), k read in place
+    scores = scores.view(B, KV, H // KV, T, -1).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(v.dtype).view(B, KV, H // KV * T, -1)
+    return (p @ v).view(B, H, T, D)  # (B, KV, rep * T, D) -> (B, H, T, D)
 
 
 class RMSNorm(nn.Module):
@@ -296,8 +296,9 @@ class Transformer(nn.Module):
             mask &= pos[None, :] > pos[:, None] - c.sliding_window
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, idx: Tensor, input_pos: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """Logits (B, T, vocab) for tokens idx (B, T) at positions input_pos (T,).
+    def forward(self, idx: Tensor, input_pos: Tensor, key_mask: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits (B, T, vocab) for tokens idx (B, T) at positions input_pos (T,); (B, 1, vocab) if last_only.
 
         key_mask (B, S), when given, says which cache positions each row may attend to: rows of different
         lengths are left-padded and their padding masked. A padding position still sees itself, so that
@@ -313,4 +314,6 @@ class Transformer(nn.Module):
         for layer in self.layers:  # layers may sit on several devices (tp.split_layers); .to is free on one
             dev = layer.attention_norm.weight.device
             x = layer(x.to(dev), freqs_cis.to(dev), mask.to(dev), input_pos.to(dev))
+        if last_only:  # prefill samples from the last position: the output layer need not see the others
+            x = x[:, -1:]
         return self.output(self.norm(x.to(self.norm.weight.device)))

@@ -13,6 +13,9 @@ def test_prefill_then_decode_equals_full_forward(tiny_llama):
     with torch.no_grad():
         full = model(idx, torch.arange(8))
         model.setup_caches(1, 32)
+        last = model(idx, torch.arange(8), last_only=True)  # what prefill asks for
+        torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+        model.setup_caches(1, 32)
         part = model(idx[:, :7], torch.arange(7))
         last = model(idx[:, 7:], torch.tensor([7]))
     torch.testing.assert_close(part, full[:, :7], rtol=1e-5, atol=1e-5)

@@ -94,3 +94,46 @@ def test_compiled_quantized_decode_matches_eager(tiny_llama, reset_dynamo, mode)
     model.setup_caches(1, 32)
     step = compile_step(decode_one_token, torch.device("cpu"))
     assert generate(model, idx, 10, temperature=0.0, decode_step=step).tolist() == eager.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_prefill_in_float32_matches_half_linear(dtype, monkeypatch):
+    """float_linear: many-row half inputs multiplied in float32 (AVX2), few rows left to F.linear."""
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 128).to(dtype), torch.randn(96).to(dtype)
+    monkeypatch.setattr(kernels, "cpu_has_half_arithmetic", lambda: False)
+    for rows in (1, kernels.GEMV_MAX_ROWS, 40):
+        x = torch.randn(rows, 128).to(dtype)
+        got, plain = kernels.float_linear(x, w, b), F.linear(x, w, b)
+        assert got.dtype == dtype
+        if rows <= kernels.GEMV_MAX_ROWS:
+            assert torch.equal(got, plain)
+        else:
+            assert torch.equal(got, F.linear(x.float(), w.float(), b.float()).to(dtype))
+            torch.testing.assert_close(got, plain)  # within the dtype's own rounding
+
+
+def test_half_model_prefill_matches_plain_half_model(tiny_llama, monkeypatch):
+    """load_model swaps bf16 Linears for HalfLinear (tied weights stay shared); its logits are as close to the
+    float32 model's as the plain bf16 computation's are."""
+    _, folder = tiny_llama
+    model = load_model(folder, "cpu", "bf16")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is kernels.HalfLinear for m in linears)
+    if model.config.tie_embeddings:
+        assert model.output.weight is model.tok_embeddings.weight
+    idx = torch.randint(0, model.config.vocab_size, (2, 40))
+
+    def logits(m):
+        m.setup_caches(2, 64)
+        with torch.no_grad():
+            return m(idx, torch.arange(40)).float()
+
+    ref = logits(load_model(folder, "cpu", "fp32"))
+    fast = logits(model)
+    monkeypatch.setattr(kernels, "cpu_has_half_arithmetic", lambda: True)  # float_linear -> plain bf16 F.linear
+    plain = logits(model)
+    assert not torch.equal(fast, plain)
+    err_fast, err_plain = (fast - ref).abs().max().item(), (plain - ref).abs().max().item()
+    assert err_fast <= 1.25 * err_plain, (err_fast, err_plain)
+    assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= (plain.argmax(-1) == ref.argmax(-1)).float().mean() - 0.05
