@@ -178,14 +178,24 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v for q (B, H, T, D) over k, v (B, KV, S, D) with H a multiple of KV."""
+    """softmax(q k^T / sqrt(d)) v for q (B, H, T, D) over k, v (B, KV, S, D) with H a multiple of KV.
+
+    Under torch.compile the query heads of a kv head broadcast against it, which inductor fuses into one
+    reduction; eager PyTorch would copy k for that, so it folds them into the rows of a batched matmul.
+    """
     B, H, T, D = q.shape
-    KV = k.size(1)
-    qg = q.reshape(B, KV, H // KV * T, D)  # (B, KV, rep * T, D): the query heads that share each kv head
-    scores = (qg @ k.transpose(-1, -2)).float() / math.sqrt(D)  # (B, KV, rep * T, S), k read in place
-    scores = scores.view(B, KV, H // KV, T, -1).masked_fill(~mask.unsqueeze(2), float("-inf"))
-    p = torch.softmax(scores, dim=-1).to(v.dtype).view(B, KV, H // KV * T, -1)
-    return (p @ v).view(B, H, T, D)  # (B, KV, rep * T, D) -> (B, H, T, D)
+    KV, rep = k.size(1), H // k.size(1)
+    if torch.compiler.is_compiling():
+        qg = q.view(B, KV, rep, T, D)  # (B, KV, rep, T, D): the query heads that share each kv head
+        scores = (qg @ k.unsqueeze(2).transpose(-1, -2)).float() / math.sqrt(D)  # (B, KV, rep, T, S)
+    else:
+        qg = q.reshape(B, KV, rep * T, D)  # (B, KV, rep * T, D)
+        scores = (qg @ k.transpose(-1, -2)).float().view(B, KV, rep, T, -1) / math.sqrt(D)  # (B, KV, rep, T, S)
+    scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(v.dtype)
+    if torch.compiler.is_compiling():
+        return (p @ v.unsqueeze(2)).view(B, H, T, D)  # (B, KV, rep, T, D) -> (B, H, T, D)
+    return (p.view(B, KV, rep * T, -1) @ v).view(B, H, T, D)
 
 
 class RMSNorm(nn.Module):
