@@ -196,14 +196,14 @@ def load_model(checkpoint_path, device="cpu", precision: str = "bf16", transform
             tie_quantized(model)
         else:
             model.output.weight = model.tok_embeddings.weight
-    if transform is not None:
+    if not quantized and model.norm.weight.device.type == "cpu" and precision in ("bf16", "fp16"):
+        from kernels import use_half_linear
+
+        use_half_linear(model)  # bf16 prefill GEMMs in float32 on CPUs without bf16 arithmetic
+    if transform is not None:  # after the swap above, so that hooks it adds (tp's all-reduces) stay in use
         transform(model)
     if quantized:
         prepare(model)
-    elif model.norm.weight.device.type == "cpu" and precision in ("bf16", "fp16"):
-        from kernels import use_half_linear
-
-        use_half_linear(model)  # prefill GEMMs in float32 where the CPU has no bf16 arithmetic
     return model
 
 

@@ -103,7 +103,7 @@ def float_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, w, bias) in x's dtype.
 
     On a CPU without half-precision arithmetic, bf16 / fp16 inputs of more than GEMV_MAX_ROWS rows (prefill)
-    are multiplied in float32: torch's half-precision GEMM is ~10x slower there (bf16 prefill 61 -> ~400
+    are multiplied in float32: torch's half-precision GEMM is ~10x slower there (bf16 prefill 61 -> 313
     tok/s on the default model). Few rows (decode) stay in half precision, which reads half the bytes.
     """
     half = x.dtype in (torch.bfloat16, torch.float16)

@@ -137,3 +137,10 @@ def test_half_model_prefill_matches_plain_half_model(tiny_llama, monkeypatch):
     err_fast, err_plain = (fast - ref).abs().max().item(), (plain - ref).abs().max().item()
     assert err_fast <= 1.25 * err_plain, (err_fast, err_plain)
     assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= (plain.argmax(-1) == ref.argmax(-1)).float().mean() - 0.05
+    seen = []  # a transform's hooks (tp.shard's all-reduces) must land on the modules that run
+    hooked = load_model(folder, "cpu", "bf16", transform=lambda m: m.layers[0].attention.wo.register_forward_hook(
+        lambda *_: seen.append(1)))
+    hooked.setup_caches(1, 8)
+    with torch.no_grad():
+        hooked(torch.tensor([[1, 2]]), torch.arange(2))
+    assert seen
