@@ -121,10 +121,10 @@ def lm_eval_model(model, tokenizer, *, batch_size: int = 1, max_seq_length: int 
             """
             out = [None] * len(requests)
             groups = {}
-            for i, (context, gen_kwargs) in enumerate(r.args for r in requests):
+            for i, (_, gen_kwargs) in enumerate(r.args for r in requests):
                 groups.setdefault(repr(sorted(gen_kwargs.items())), []).append(i)
             for rows in groups.values():
-                context, gen_kwargs = requests[rows[0]].args
+                gen_kwargs = requests[rows[0]].args[1]  # the same for every request of the group
                 until = gen_kwargs.get("until") or [tokenizer.decode([self.eot_token_id])]
                 until = [u for u in ([until] if isinstance(until, str) else until) if u]
                 max_gen = min(gen_kwargs.get("max_gen_toks", 256), max_seq_length - 1)
