@@ -18,6 +18,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -234,14 +237,126 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y.to(x.scalar_type());
 }
 
+// ---- attention of one new token over the KV cache --------------------------------------------------------
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {  // bf16 is the high half of a float
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// e^x for x <= 0 (Cephes' expf: 2^n times a degree-6 polynomial of the remainder; relative error ~1e-7)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// out[c..c+W) (vectors of 8) = sum_i p[i] v[pos[i]]: W independent accumulators that stay in registers.
+template <int W, typename T>
+void weigh_values(const float* p, const T* v, const int64_t* pos, int64_t n, int64_t D, float inv, float* out) {
+  __m256 a[W];
+  for (int j = 0; j < W; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 pi = _mm256_set1_ps(p[i]);
+    const T* vt = v + pos[i] * D;
+    for (int j = 0; j < W; ++j) a[j] = _mm256_fmadd_ps(pi, load8(vt + 8 * j), a[j]);
+  }
+  for (int j = 0; j < W; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(a[j], _mm256_set1_ps(inv)));
+}
+
+// out = softmax(scale * q . k[t] over the n positions t = pos[i]) . v for one query head, q and out (D,) float32,
+// k and v the (S, D) cache of its kv head, sc n + 8 floats of scratch. Four positions (scores) or eight output
+// vectors (values) at a time, so that the multiply-adds form independent chains.
+template <typename T>
+void attend(const float* q, const T* k, const T* v, const int64_t* pos, int64_t n, int64_t D, float scale,
+            float* sc, float* out) {
+  const int64_t C = D / 8;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const T* kt[4] = {k + pos[i] * D, k + pos[i + 1] * D, k + pos[i + 2] * D, k + pos[i + 3] * D};
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t c = 0; c < C; ++c) {
+      const __m256 qc = _mm256_loadu_ps(q + 8 * c);
+      for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(qc, load8(kt[j] + 8 * c), a[j]);
+    }
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(sc + i, _mm_mul_ps(s4, _mm_set1_ps(scale)));
+  }
+  for (; i < n; ++i) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), load8(k + pos[i] * D + 8 * c), a);
+    sc[i] = hsum(a) * scale;
+  }
+  const int64_t n8 = (n + 7) / 8 * 8;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (i = 0; i < n; ++i) mx = std::max(mx, sc[i]);
+  for (i = n; i < n8; ++i) sc[i] = mx;
+  __m256 sum = _mm256_setzero_ps();
+  for (i = 0; i < n8; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(sc + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  const float inv = 1.f / (hsum(sum) - float(n8 - n));  // the padding added e^0 = 1 each
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) weigh_values<8>(sc, v + 8 * c, pos, n, D, inv, out + 8 * c);
+  if (c + 4 <= C) weigh_values<4>(sc, v + 8 * c, pos, n, D, inv, out + 8 * c), c += 4;
+  for (; c < C; ++c) weigh_values<1>(sc, v + 8 * c, pos, n, D, inv, out + 8 * c);
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(2) &&
+              q.size(1) % k.size(1) == 0 && q.size(2) % 8 == 0, "decode_attention: q (B, H, D), k and v (B, KV, S, D)");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == v.scalar_type(), "decode_attention: k, v");
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool && mask.size(1) == k.size(2) &&
+              (mask.size(0) == 1 || mask.size(0) == q.size(0)), "decode_attention: mask (1 or B, S) bool");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k.size(2), R = H / KV;
+  const at::Tensor qf = q.to(at::kFloat).contiguous(), m = mask.contiguous();
+  at::Tensor out = at::empty({B, H, D}, qf.options());
+  const float scale = 1.f / std::sqrt(float(D));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> pos(S);
+    std::vector<float> sc(S + 8);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, at = (b * KV + bh % H / R) * S * D;  // the kv head of query head bh % H
+      const bool* mb = m.data_ptr<bool>() + (m.size(0) == 1 ? 0 : b) * S;
+      int64_t n = 0;
+      for (int64_t t = 0; t < S; ++t)
+        if (mb[t]) pos[n++] = t;
+      const float* qp = qf.data_ptr<float>() + bh * D;
+      float* op = out.data_ptr<float>() + bh * D;
+      switch (k.scalar_type()) {
+        case at::kFloat: attend(qp, k.data_ptr<float>() + at, v.data_ptr<float>() + at, pos.data(), n, D, scale, sc.data(), op); break;
+        case at::kBFloat16: attend(qp, k.data_ptr<at::BFloat16>() + at, v.data_ptr<at::BFloat16>() + at, pos.data(), n, D, scale, sc.data(), op); break;
+        case at::kHalf: attend(qp, k.data_ptr<at::Half>() + at, v.data_ptr<at::Half>() + at, pos.data(), n, D, scale, sc.data(), op); break;
+        default: TORCH_CHECK(false, "decode_attention: cache must be float32, bfloat16 or float16");
+      }
+    }
+  });
+  return out.to(q.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastllama, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor weight, Tensor dm) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastllama, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("decode_attention", &decode_attention);
 }

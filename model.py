@@ -231,6 +231,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.attention_bias)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.decode_attention = decode_attention  # attention of one new token; kernels.py may swap in its own
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -242,7 +243,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, head_dim)
         if T == 1:  # decoding: plain math that the compiler fuses beats a flash kernel for one query
-            y = decode_attention(q, k, v, mask)
+            y = self.decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, n_head * head_dim)

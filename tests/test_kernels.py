@@ -144,3 +144,52 @@ def test_half_model_prefill_matches_plain_half_model(tiny_llama, monkeypatch):
     with torch.no_grad():
         hooked(torch.tensor([[1, 2]]), torch.arange(2))
     assert seen
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, H, KV, S, D", [(1, 9, 3, 40, 64), (3, 4, 4, 33, 128), (2, 14, 2, 17, 96), (2, 2, 1, 9, 40)])
+def test_decode_attention_kernel_matches_reference(dtype, B, H, KV, S, D):
+    """One query position over a KV cache: the C++ kernel against model.decode_attention in float32, for
+    causal prefixes of different lengths per row, a sliding-window hole, left padding and a shared mask."""
+    import model
+
+    torch.manual_seed(S * D + B)
+    q = (torch.randn(B, H, 1, D) * 3).to(dtype)  # * 3: peaked softmaxes, exp of large negative scores
+    k, v = torch.randn(B, KV, S, D).to(dtype), torch.randn(B, KV, S, D).to(dtype)
+    pos = torch.arange(S)
+    masks = [pos <= S - 1 - torch.arange(B)[:, None],  # row b sees S - b positions
+             (pos > 2) & (pos <= S - 3) & (pos % 4 != 1),  # holes, broadcast over the batch
+             pos[None, :] == torch.arange(B)[:, None]]  # one visible position per row
+    for mask in masks:
+        mask4 = mask.view(-1, 1, 1, S)
+        ref = model.decode_attention(q.float(), k.float(), v.float(), mask4)
+        got = kernels.decode_attention(q, k, v, mask4)
+        assert got.shape == q.shape and got.dtype == dtype
+        tol = 2e-6 if dtype == torch.float32 else 1e-2  # float32 arithmetic throughout; the result rounded to dtype
+        torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+def test_model_decodes_with_the_attention_kernel_as_with_pytorch(tiny_llama):
+    """load_model gives CPU models the kernel; decode logits and greedy tokens equal the PyTorch attention's."""
+    import model as M
+
+    _, folder = tiny_llama
+    model = load_model(folder, "cpu", "fp32")
+    assert all(layer.attention.decode_attention is kernels.decode_attention for layer in model.layers)
+    idx = torch.tensor([[5, 80, 13, 200, 7, 9]])
+
+    def decode(attend):  # greedy: the prompt, then 12 tokens one at a time; the logits of each step
+        for layer in model.layers:
+            layer.attention.decode_attention = attend
+        model.setup_caches(1, 40)
+        with torch.no_grad():
+            logits = [model(idx, torch.arange(6))[:, -1]]
+            for p in range(6, 18):
+                logits.append(model(logits[-1].argmax(-1, keepdim=True), torch.tensor([p]))[:, -1])
+        return torch.stack(logits)
+
+    fast, ref = decode(kernels.decode_attention), decode(M.decode_attention)
+    assert torch.equal(fast.argmax(-1), ref.argmax(-1))
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
