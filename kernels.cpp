@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -325,21 +324,25 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const at::Tensor qf = q.to(at::kFloat).contiguous(), m = mask.contiguous();
   at::Tensor out = at::empty({B, H, D}, qf.options());
   const float scale = 1.f / std::sqrt(float(D));
+  // the visible positions of each mask row, listed once for all the heads that share it
+  const int64_t rows = m.size(0);
+  std::vector<int64_t> pos(rows * S), count(rows, 0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < S; ++t)
+      if (m.data_ptr<bool>()[r * S + t]) pos[r * S + count[r]++] = t;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> pos(S);
-    std::vector<float> sc(S + 8);
+    thread_local std::vector<float> sc;  // scores, then weights: lives as long as the thread (see QuantizedInput)
+    sc.resize(S + 8);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, at = (b * KV + bh % H / R) * S * D;  // the kv head of query head bh % H
-      const bool* mb = m.data_ptr<bool>() + (m.size(0) == 1 ? 0 : b) * S;
-      int64_t n = 0;
-      for (int64_t t = 0; t < S; ++t)
-        if (mb[t]) pos[n++] = t;
+      const int64_t r = rows == 1 ? 0 : b, n = count[r];
+      const int64_t* pp = pos.data() + r * S;
       const float* qp = qf.data_ptr<float>() + bh * D;
       float* op = out.data_ptr<float>() + bh * D;
       switch (k.scalar_type()) {
-        case at::kFloat: attend(qp, k.data_ptr<float>() + at, v.data_ptr<float>() + at, pos.data(), n, D, scale, sc.data(), op); break;
-        case at::kBFloat16: attend(qp, k.data_ptr<at::BFloat16>() + at, v.data_ptr<at::BFloat16>() + at, pos.data(), n, D, scale, sc.data(), op); break;
-        case at::kHalf: attend(qp, k.data_ptr<at::Half>() + at, v.data_ptr<at::Half>() + at, pos.data(), n, D, scale, sc.data(), op); break;
+        case at::kFloat: attend(qp, k.data_ptr<float>() + at, v.data_ptr<float>() + at, pp, n, D, scale, sc.data(), op); break;
+        case at::kBFloat16: attend(qp, k.data_ptr<at::BFloat16>() + at, v.data_ptr<at::BFloat16>() + at, pp, n, D, scale, sc.data(), op); break;
+        case at::kHalf: attend(qp, k.data_ptr<at::Half>() + at, v.data_ptr<at::Half>() + at, pp, n, D, scale, sc.data(), op); break;
         default: TORCH_CHECK(false, "decode_attention: cache must be float32, bfloat16 or float16");
       }
     }
