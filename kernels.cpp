@@ -226,9 +226,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
+  // no software prefetch here (unlike int8): the hardware prefetcher keeps up with this compute-heavier loop, and
+  // prefetching 2 row groups ahead made the 150 int4 calls of a step 5-10% slower (interleaved A/B)
   at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      prefetch(wp + (r + 2) * 4 * K, 4 * K);
       for (int64_t m = 0; m < M; ++m)
         int4_rows8(qp + 2 * m * K, dp + m * K / 32, xsp + m * G, K, wp + r * 4 * K, mp + 16 * G * r, G, yp + m * N + 8 * r);
     }

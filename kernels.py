@@ -15,6 +15,7 @@ The kernels round activations to int16 per block of 32 (error below 1/65000 of t
 value, far finer than bf16); they need K % 64 == 0 and, for int4, N % 8 == 0.
 """
 import functools
+import mmap
 import os
 import subprocess
 import sys
@@ -92,6 +93,30 @@ def dequantize_int4_kernel(w: Tensor, dm: Tensor) -> Tensor:
     q, d, m = int4_from_kernel(w, dm)
     N, K = q.shape
     return (q.float().view(N, d.size(1), -1) * d[..., None] + m[..., None]).view(N, K)
+
+
+def in_huge_pages(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of CPU tensors, side by side in one anonymous mapping that Linux may back with 2 MiB pages.
+
+    A decode step streams every quantized weight once (~100 MB on the default model). In 4 KiB pages
+    (how the checkpoint's mmap and small allocations come) each 4 KiB costs a TLB miss and restarts the
+    hardware prefetcher; the int4 linears of a step ran 5-8% faster from huge pages (interleaved A/B).
+    Each copy has its own storage (torch.frombuffer), so torch.compile sees no aliasing between them.
+    Where madvise(MADV_HUGEPAGE) is unavailable the copies are still correct, only in small pages.
+    """
+    sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]
+    arena = mmap.mmap(-1, max(sum(sizes), 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            arena.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    out, offset = [], 0
+    for t, n in zip(tensors, sizes):
+        raw = torch.frombuffer(arena, dtype=torch.uint8, count=t.numel() * t.element_size(), offset=offset)
+        out.append(raw.view(t.dtype).view(t.shape).copy_(t))
+        offset += n
+    return out
 
 
 # ---- the linear ops -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_same_model
 
+import kernels
 import quantize as qz
 from checkpoint import load_state_dict, read_config, save_checkpoint
 from generate import generate, load_model
@@ -47,6 +48,35 @@ def test_kernels_match_dequantized_reference(dtype, tol):
     emb.weight, emb.scales = q, s
     idx = torch.tensor([[3, 0, 95]])
     torch.testing.assert_close(emb(idx), qz.dequantize_int8(q, s)[idx])
+
+
+def test_prepare_moves_kernel_weights_to_huge_pages_keeping_values_and_ties():
+    """quantize.prepare copies the C++ kernels' weights into one huge-page arena (kernels.in_huge_pages): same
+    values and outputs, separate storages, and a tied int8 embedding / output layer still one tensor."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.tok_embeddings, model.output = qz.Int8Embedding(64, 128), qz.Int8Linear(128, 64)
+    model.tok_embeddings.weight, model.tok_embeddings.scales = qz.quantize_int8(torch.randn(64, 128))
+    qz.tie_quantized(model)
+    model.mid = qz.Int4Linear(128, 96, 32)
+    q4, sz = qz.quantize_int4(torch.randn(96, 128), 32)
+    model.mid.weight, model.mid.scales_and_zeros = qz.pack_int4(q4), sz
+    x = torch.randn(1, 128)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    qz.prepare(model)
+    assert model.output.weight is model.tok_embeddings.weight and model.output.scales is model.tok_embeddings.scales
+    ref8 = F.linear(x, qz.dequantize_int8(before["output.weight"], before["output.scales"]))
+    ref4 = F.linear(x, qz.dequantize_int4(q4, sz, 32))
+    for y, ref in ((model.output(x), ref8), (model.mid(x), ref4)):  # the kernels round x to int16: ~1e-5 of the max
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    if model.mid.kernel == "cpp":
+        assert torch.equal(model.output.weight, before["output.weight"])
+        storages = {t.untyped_storage().data_ptr() for t in (model.output.weight, model.output.scales, model.mid.weight,
+                                                            model.mid.scales_and_zeros)}
+        assert len(storages) == 4 and before["output.weight"].untyped_storage().data_ptr() not in storages
+    copies = kernels.in_huge_pages(list(before.values()))
+    for a, b in zip(before.values(), copies):
+        assert b.dtype == a.dtype and b.shape == a.shape and torch.equal(a, b) and b.data_ptr() % 64 == 0
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
