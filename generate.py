@@ -202,12 +202,13 @@ def load_model(checkpoint_path, device="cpu", precision: str = "bf16", transform
         use_half_linear(model)  # bf16 prefill GEMMs in float32 on CPUs without bf16 arithmetic
     if transform is not None:  # after the swap above, so that hooks it adds (tp's all-reduces) stay in use
         transform(model)
-    if model.norm.weight.device.type == "cpu":
-        from kernels import use_cpu_attention
-
-        use_cpu_attention(model)  # decode attention over the visible cache positions only (C++)
     if quantized:
         prepare(model)
+    if model.norm.weight.device.type == "cpu":
+        from kernels import use_cpu_attention, weights_in_huge_pages
+
+        use_cpu_attention(model)  # decode attention over the visible cache positions only (C++)
+        weights_in_huge_pages(model)  # decode streams every weight once per token: fewer TLB misses
     return model
 
 

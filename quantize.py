@@ -208,20 +208,10 @@ def tie_quantized(model: nn.Module) -> None:
 
 
 def prepare(model: nn.Module) -> None:
-    """Pick each quantized layer's kernel for the device it is on (and repack int4 weights for it); the
-    weights the C++ kernels stream move into huge pages (kernels.in_huge_pages), tied ones staying tied."""
-    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
-    for m in layers:
-        m.prepare()
-    slots = [(m, name) for m in layers if m.kernel == "cpp"
-             for name in ("weight", "scales" if isinstance(m, Int8Linear) else "scales_and_zeros")]
-    unique = list({id(getattr(m, name)): getattr(m, name) for m, name in slots}.values())
-    moved = dict(zip(map(id, unique), kernels.in_huge_pages(unique)))
-    for m, name in slots:
-        setattr(m, name, moved[id(getattr(m, name))])
-    if isinstance(getattr(model, "tok_embeddings", None), Int8Embedding) and id(model.tok_embeddings.weight) in moved:
-        model.tok_embeddings.weight = moved[id(model.tok_embeddings.weight)]
-        model.tok_embeddings.scales = moved[id(model.tok_embeddings.scales)]
+    """Pick each quantized layer's kernel for the device it is on (and repack int4 weights for it)."""
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            m.prepare()
 
 
 def _parent(model: nn.Module, name: str):
