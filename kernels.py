@@ -1,4 +1,5 @@
-"""CPU fast paths: the C++ kernels of kernels.cpp (int8 / int4 linear, one-token attention) and their PyTorch reference.
+"""CPU fast paths: the C++ kernels of kernels.cpp (int8 / int4 linear, one-token attention) and their PyTorch reference;
+weights in huge pages (weights_in_huge_pages).
 
 kernels.cpp is compiled once per source version with torch.utils.cpp_extension (cached under
 ~/.cache/torch_extensions) the first time a model is loaded on an AVX2 CPU; the ops it
