@@ -112,7 +112,7 @@ def in_huge_pages(tensors: list[Tensor]) -> list[Tensor]:
     out, offset = [], 0
     for t, n in zip(tensors, sizes):
         raw = torch.frombuffer(arena, dtype=torch.uint8, count=t.numel() * t.element_size(), offset=offset)
-        out.append(raw.view(t.dtype).view(t.shape).copy_(t.contiguous()))
+        out.append(raw.view(t.dtype).view(t.shape).copy_(t))
         offset += n
     return out
 
@@ -127,13 +127,10 @@ def weights_in_huge_pages(module: nn.Module) -> None:
     slots = [(m, kind, name, t) for m in module.modules() for kind in ("_parameters", "_buffers")
              for name, t in getattr(m, kind).items() if t is not None and t.device.type == "cpu" and t.numel()]
     unique = list({id(t): t for *_, t in slots}.values())
-    moved = dict(zip(map(id, unique), in_huge_pages([t.detach() for t in unique])))
-    params = {}
+    moved = {id(t): nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+             for t, c in zip(unique, in_huge_pages([t.detach() for t in unique]))}
     for m, kind, name, t in slots:
-        new = moved[id(t)]
-        if kind == "_parameters":
-            new = params.setdefault(id(t), nn.Parameter(new, requires_grad=t.requires_grad))
-        getattr(m, kind)[name] = new
+        getattr(m, kind)[name] = moved[id(t)]
 
 
 # ---- the linear ops -------------------------------------------------------------------------------------
