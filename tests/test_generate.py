@@ -95,6 +95,27 @@ def test_compiled_decode_equals_eager(tiny_llama, reset_dynamo):
     torch.testing.assert_close(p_comp, p_eager, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_step_follows_model_and_caches(tiny_llama, reset_dynamo):
+    """One compiled step, called with two models of the same shapes and after setup_caches changes the
+    caches: every call gives that model's eager answer (the step skips Dynamo's module guards, so it must
+    compile anew for another model or cache instead of running a graph frozen with other weights)."""
+    _, folder = tiny_llama
+    a, b = load_model(folder, "cpu", "fp32"), load_model(folder, "cpu", "fp32")
+    with torch.no_grad():
+        for p in b.parameters():
+            p.copy_(torch.randn_like(p) * p.std())
+    step = compile_step(decode_one_token, torch.device("cpu"))
+    prompt = torch.tensor([[9, 8, 7, 6, 5, 4]])
+    for model, seq in ((a, 40), (b, 40), (a, 40), (b, 48), (a, 32)):
+        model.setup_caches(1, seq)
+        eager = generate(model, prompt, 12, temperature=0.0)
+        model.setup_caches(1, seq + 8)  # new caches and rotary table
+        model.setup_caches(1, seq)
+        compiled = generate(model, prompt, 12, temperature=0.0, decode_step=step)
+        assert compiled.tolist() == eager.tolist()
+    assert generate(a, prompt, 12, temperature=0.0).tolist() != generate(b, prompt, 12, temperature=0.0).tolist()
+
+
 def test_cached_prefix_gives_same_tokens(tiny_llama):
     _, folder = tiny_llama
     model = load_model(folder, "cpu", "fp32")
