@@ -4,9 +4,9 @@
 // set by how fast weights stream in and turn into sums. Both kernels round the activations per block of
 // 32 (quantize_x) so that products are integer multiply-adds, and scale each block's integer dot once.
 //
-//   int8_linear(x (M, K) float/bf16, w (N, K) int8, scales (N, G) float32) -> (M, N) in x's dtype
+//   int8_linear(x (M, K) float/bf16, w (N, K) int8, scales (N / 8, G, 8) float32) -> (M, N) in x's dtype
 //       y = x16 @ (w * scales[:, k // (K / G)]).T     x16: x rounded to int16 per block (error ~1e-5 relative)
-//       G = 1: per channel; G = K / 32: Q8_0-like.  Two output rows at a time share each activation load.
+//       G = 1: per channel; G = K / 32: Q8_0-like. Rows in groups of 8, computed together in the 8 lanes of a vector.
 //   int4_linear(x (M, K), w (N, K / 2) uint8, dm (N / 8, 2, G, 8) float16) -> (M, N)
 //       y = x16 @ (q * d + m).T with (d, m) per group (llama.cpp's Q4_1 arithmetic), dm (N / 8, 2, G, 8):
 //       rows in groups of 8, each group's outputs computed together in the 8 lanes of one vector.
@@ -87,34 +87,28 @@ void quantize_x(const float* x, int64_t K, void* out, float* d, float* sums, int
 
 inline __m256i load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-inline void prefetch(const void* p, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T0);
-}
-
-// y[j] = sum_k x[k] * w[j * K + k] * s[j * G + k / g] for the NT rows starting at w.
-template <int NT>
-void int8_rows(const int16_t* xq, const float* xd, int64_t K, const int8_t* w, const float* s, int64_t G, float* y) {
-  const int64_t bpg = K / G / 32;  // blocks of 32 per scale group
-  __m256 acc[NT], gacc[NT];
-  for (int j = 0; j < NT; ++j) acc[j] = gacc[j] = _mm256_setzero_ps();
+// Eight output rows at once, one per int32 lane: y[r] = sum_k x[k] * w[r, k] * s[r, k / g].
+// Layout per group of 8 rows: for each pair i of inputs, 16 bytes hold w[r, 2 i] and w[r, 2 i + 1] of rows r = 0..7;
+// vpmovsxbw widens them to int16 and one vpmaddwd with the broadcast pair (x[2 i], x[2 i + 1]) adds each row's two
+// products in its own lane. Sums stay exact in int32 over a block of 32 (16 pairs of at most 2 * 128 * 32767).
+// s: the 8 rows' scales for each of the G groups. One sequential stream per row group, no per-row horizontal sums.
+void int8_rows8(const int16_t* xq, const float* xd, int64_t K, const int8_t* w, const float* s, int64_t G, float* y) {
+  const int64_t bpg = K / G / 32;
+  const int32_t* xp = reinterpret_cast<const int32_t*>(xq);
+  __m256 acc = _mm256_setzero_ps();
   for (int64_t gi = 0, b = 0; gi < G; ++gi) {
+    __m256 gacc = _mm256_setzero_ps();
     for (const int64_t end = b + bpg; b < end; ++b) {
-      const __m256i x0 = load16(xq + 32 * b), x1 = load16(xq + 32 * b + 16);
-      const __m256 dx = _mm256_set1_ps(xd[b]);
-      for (int j = 0; j < NT; ++j) {
-        const int8_t* p = w + j * K + 32 * b;
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
-        const __m256i t = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-        gacc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), dx, gacc[j]);
+      __m256i t = _mm256_setzero_si256();
+      for (int i = 0; i < 16; ++i) {
+        const __m256i wi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 256 * b + 16 * i)));
+        t = _mm256_add_epi32(t, _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[16 * b + i])));
       }
+      gacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(xd[b]), gacc);
     }
-    for (int j = 0; j < NT; ++j) {
-      acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(s[j * G + gi]), gacc[j], acc[j]);
-      gacc[j] = _mm256_setzero_ps();
-    }
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8 * gi), gacc, acc);
   }
-  for (int j = 0; j < NT; ++j) y[j] = hsum(acc[j]);
+  _mm256_storeu_ps(y, acc);
 }
 
 // Eight output rows at once, one per float lane: y[r] = sum_k x[k] * (q[r, k] * d + m), (d, m) per group.
@@ -153,17 +147,6 @@ void int4_rows8(const int8_t* xq, const float* xd, const float* xs, int64_t K, c
   _mm256_storeu_ps(y, _mm256_add_ps(acc, acc_m));
 }
 
-// Runs row(n, nt, m) over all outputs n (two at a time, nt = 2 or 1) and rows m of x, split across threads.
-template <typename F>
-void for_rows(int64_t M, int64_t N, F row) {
-  at::parallel_for(0, (N + 1) / 2, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n = 2 * p;
-      for (int64_t m = 0; m < M; ++m) row(n, n + 1 < N ? 2 : 1, m);
-    }
-  });
-}
-
 void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (M, ", K, ")");
   TORCH_CHECK(K % 64 == 0, "in_features must be a multiple of 64");
@@ -193,8 +176,9 @@ const QuantizedInput& quantize_input(const at::Tensor& xf, int64_t G) {
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1), G = scales.size(1);
   check(x, w, K);
-  TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
-              scales.size(0) == N && K % G == 0 && (K / G) % 32 == 0, "int8_linear: bad weight or scales");
+  TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.is_contiguous() && N % 8 == 0 &&
+              scales.dim() == 3 && scales.size(0) == N / 8 && scales.size(2) == 8 && K % G == 0 && (K / G) % 32 == 0,
+              "int8_linear: bad weight or scales");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const QuantizedInput& xin = quantize_input<Split::no>(xf, 0);
   at::Tensor y = at::empty({M, N}, xf.options());
@@ -202,12 +186,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float *dp = xin.d.data(), *sp = scales.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
-  for_rows(M, N, [&](int64_t n, int nt, int64_t m) {
-    if (m == 0) prefetch(wp + (n + 8) * K, 2 * K);
-    float out[2];
-    if (nt == 2) int8_rows<2>(qp + m * K, dp + m * K / 32, K, wp + n * K, sp + n * G, G, out);
-    else int8_rows<1>(qp + m * K, dp + m * K / 32, K, wp + n * K, sp + n * G, G, out);
-    for (int j = 0; j < nt; ++j) yp[m * N + n + j] = out[j];
+  // no software prefetch: one sequential stream per thread, which the hardware prefetcher follows
+  at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t m = 0; m < M; ++m)
+        int8_rows8(qp + m * K, dp + m * K / 32, K, wp + r * 8 * K, sp + r * 8 * G, G, yp + m * N + 8 * r);
   });
   return y.to(x.scalar_type());
 }
@@ -226,8 +209,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
-  // no software prefetch here (unlike int8): the hardware prefetcher keeps up with this compute-heavier loop, and
-  // prefetching 2 row groups ahead made the 150 int4 calls of a step 5-10% slower (interleaved A/B)
+  // no software prefetch (as int8): prefetching 2 row groups ahead made the 150 int4 calls of a step 5-10% slower
   at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t m = 0; m < M; ++m)
@@ -274,12 +256,13 @@ void weigh_values(const float* p, const T* v, const int64_t* pos, int64_t n, int
   for (int j = 0; j < W; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(a[j], _mm256_set1_ps(inv)));
 }
 
-// out = softmax(scale * q . k[t] over the n positions t = pos[i]) . v for one query head, q and out (D,) float32,
-// k and v the (S, D) cache of its kv head, sc n + 8 floats of scratch. Four positions (scores) or eight output
-// vectors (values) at a time, so that the multiply-adds form independent chains.
+// One query head over n cache positions t = pos[i], softmax left unnormalized so that chunks of positions merge
+// exactly (flash-decoding): out = sum_i e^(s_i - mx) v[t], s_i = scale q . k[t]; returns (mx, sum_i e^(s_i - mx)).
+// q and out (D,) float32, k and v the (S, D) cache of its kv head, sc n + 8 floats of scratch. Four positions
+// (scores) or eight output vectors (values) at a time, so that the multiply-adds form independent chains.
 template <typename T>
-void attend(const float* q, const T* k, const T* v, const int64_t* pos, int64_t n, int64_t D, float scale,
-            float* sc, float* out) {
+std::pair<float, float> attend(const float* q, const T* k, const T* v, const int64_t* pos, int64_t n, int64_t D,
+                               float scale, float* sc, float* out) {
   const int64_t C = D / 8;
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
@@ -308,11 +291,11 @@ void attend(const float* q, const T* k, const T* v, const int64_t* pos, int64_t 
     _mm256_storeu_ps(sc + i, e);
     sum = _mm256_add_ps(sum, e);
   }
-  const float inv = 1.f / (hsum(sum) - float(n8 - n));  // the padding added e^0 = 1 each
   int64_t c = 0;
-  for (; c + 8 <= C; c += 8) weigh_values<8>(sc, v + 8 * c, pos, n, D, inv, out + 8 * c);
-  if (c + 4 <= C) weigh_values<4>(sc, v + 8 * c, pos, n, D, inv, out + 8 * c), c += 4;
-  for (; c < C; ++c) weigh_values<1>(sc, v + 8 * c, pos, n, D, inv, out + 8 * c);
+  for (; c + 8 <= C; c += 8) weigh_values<8>(sc, v + 8 * c, pos, n, D, 1.f, out + 8 * c);
+  if (c + 4 <= C) weigh_values<4>(sc, v + 8 * c, pos, n, D, 1.f, out + 8 * c), c += 4;
+  for (; c < C; ++c) weigh_values<1>(sc, v + 8 * c, pos, n, D, 1.f, out + 8 * c);
+  return {mx, hsum(sum) - float(n8 - n)};  // the padding added e^0 = 1 each
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
@@ -322,33 +305,66 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool && mask.size(1) == k.size(2) &&
               (mask.size(0) == 1 || mask.size(0) == q.size(0)), "decode_attention: mask (1 or B, S) bool");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k.size(2), R = H / KV;
-  const at::Tensor qf = q.to(at::kFloat).contiguous(), m = mask.contiguous();
-  at::Tensor out = at::empty({B, H, D}, qf.options());
+  const at::Tensor qc = q.contiguous(), m = mask.contiguous();
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  // q to float32 and the result back to q's dtype here rather than by two more ATen ops (~4 us each per call)
+  std::vector<float> qf(B * H * D), of(B * H * D);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    std::copy_n(qc.data_ptr<scalar_t>(), B * H * D, qf.begin());
+  });
   const float scale = 1.f / std::sqrt(float(D));
   // the visible positions of each mask row, listed once for all the heads that share it
   const int64_t rows = m.size(0);
   std::vector<int64_t> pos(rows * S), count(rows, 0);
+  const bool* mp = m.data_ptr<bool>();
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t t = 0; t < S; ++t)
-      if (m.data_ptr<bool>()[r * S + t]) pos[r * S + count[r]++] = t;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      if (mp[r * S + t]) pos[r * S + count[r]++] = t;
+  // Work items: (batch row, kv head, chunk of its visible positions), at least two per thread; the R query heads of
+  // a kv head run one after another on its chunk, so its K and V rows come from memory once. Chunks of >= 32 positions.
+  const int64_t most = *std::max_element(count.begin(), count.end());
+  const int64_t C = std::clamp<int64_t>((2 * at::get_num_threads() + B * KV - 1) / (B * KV), 1, std::max<int64_t>(most / 32, 1));
+  std::vector<float> part(B * H * C * (D + 2));  // per (b, h, chunk): unnormalized output (D), max score, sum of weights
+  at::parallel_for(0, B * KV * C, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> sc;  // scores, then weights: lives as long as the thread (see QuantizedInput)
     sc.resize(S + 8);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, at = (b * KV + bh % H / R) * S * D;  // the kv head of query head bh % H
-      const int64_t r = rows == 1 ? 0 : b, n = count[r];
-      const int64_t* pp = pos.data() + r * S;
-      const float* qp = qf.data_ptr<float>() + bh * D;
-      float* op = out.data_ptr<float>() + bh * D;
-      switch (k.scalar_type()) {
-        case at::kFloat: attend(qp, k.data_ptr<float>() + at, v.data_ptr<float>() + at, pp, n, D, scale, sc.data(), op); break;
-        case at::kBFloat16: attend(qp, k.data_ptr<at::BFloat16>() + at, v.data_ptr<at::BFloat16>() + at, pp, n, D, scale, sc.data(), op); break;
-        case at::kHalf: attend(qp, k.data_ptr<at::Half>() + at, v.data_ptr<at::Half>() + at, pp, n, D, scale, sc.data(), op); break;
-        default: TORCH_CHECK(false, "decode_attention: cache must be float32, bfloat16 or float16");
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (KV * C), g = item / C % KV, c = item % C;
+      const int64_t r = rows == 1 ? 0 : b, lo = c * count[r] / C, hi = (c + 1) * count[r] / C, at = (b * KV + g) * S * D;
+      const int64_t* pp = pos.data() + r * S + lo;
+      for (int64_t h = g * R; h < (g + 1) * R; ++h) {
+        const float* qp = qf.data() + (b * H + h) * D;
+        float* dst = part.data() + ((b * H + h) * C + c) * (D + 2);
+        std::pair<float, float> ml;
+        switch (k.scalar_type()) {
+          case at::kFloat: ml = attend(qp, k.data_ptr<float>() + at, v.data_ptr<float>() + at, pp, hi - lo, D, scale, sc.data(), dst); break;
+          case at::kBFloat16: ml = attend(qp, k.data_ptr<at::BFloat16>() + at, v.data_ptr<at::BFloat16>() + at, pp, hi - lo, D, scale, sc.data(), dst); break;
+          case at::kHalf: ml = attend(qp, k.data_ptr<at::Half>() + at, v.data_ptr<at::Half>() + at, pp, hi - lo, D, scale, sc.data(), dst); break;
+          default: TORCH_CHECK(false, "decode_attention: cache must be float32, bfloat16 or float16");
+        }
+        dst[D] = ml.first, dst[D + 1] = ml.second;
       }
     }
   });
-  return out.to(q.scalar_type());
+  for (int64_t bh = 0; bh < B * H; ++bh) {  // merge the chunks: rescale each to the largest score seen
+    const float* p = part.data() + bh * C * (D + 2);
+    float mx = -std::numeric_limits<float>::infinity(), l = 0.f;
+    for (int64_t c = 0; c < C; ++c) mx = std::max(mx, p[c * (D + 2) + D]);
+    float* op = of.data() + bh * D;
+    std::fill(op, op + D, 0.f);
+    for (int64_t c = 0; c < C; ++c) {
+      const float* pc = p + c * (D + 2);
+      if (pc[D + 1] == 0.f) continue;  // a chunk with no visible position
+      const float w = std::exp(pc[D] - mx);
+      l += w * pc[D + 1];
+      for (int64_t d = 0; d < D; ++d) op[d] += w * pc[d];
+    }
+    for (int64_t d = 0; d < D; ++d) op[d] /= l;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    std::copy(of.begin(), of.end(), out.data_ptr<scalar_t>());
+  });
+  return out;
 }
 
 }  // namespace

@@ -9,7 +9,8 @@ FASTLLAMA_KERNELS=0, large batches) the same math runs as plain PyTorch: dequant
 float_linear / HalfLinear: bf16 / fp16 prefill GEMMs in float32 on CPUs without half-precision arithmetic.
 
 Weight layouts (the kernels' own; quantize.py converts its device-independent checkpoints to them):
-  int8: w (N, K) int8, scales (N, G) float32: w_float = w * scales[:, k // (K // G)]
+  int8: w (N, K) int8, rows interleaved by 8 (int8_to_kernel), scales (N // 8, G, 8) float32:
+        w_float = w * s per group of K // G inputs
   int4: w (N, K // 2) uint8, rows interleaved by 8 (int4_to_kernel), dm (N // 8, 2, G, 8) float16 = (d, m):
         w_float = q * d + m per group of K // G inputs (llama.cpp's Q4_1 arithmetic)
 The kernels round activations to int16 per block of 32 (error below 1/65000 of the block's largest
@@ -65,6 +66,28 @@ def dequantize_int8(w: Tensor, scales: Tensor) -> Tensor:
     N, K = w.shape
     s = scales.float().reshape(N, -1)
     return (w.float().view(N, s.size(1), -1) * s[..., None]).view(N, K)
+
+
+def int8_to_kernel(w: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """w (N, K) int8 and scales (N,) or (N, G) -> the kernel's (w (N, K) int8, scales (N // 8, G, 8) float32).
+
+    Rows go in groups of 8; per group, 16 bytes per pair i of inputs: w[r, 2 i] and w[r, 2 i + 1] of rows r = 0..7
+    (the order kernels.cpp reads); each group's scales side by side, 8 per scale group.
+    """
+    N, K = w.shape
+    wk = w.view(N // 8, 8, K // 2, 2).transpose(1, 2).reshape(N, K)  # (group, pair, row, 2)
+    return wk, scales.float().reshape(N // 8, 8, -1).transpose(1, 2).contiguous()
+
+
+def int8_from_kernel(w: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of int8_to_kernel: (w (N, K) int8, scales (N, G) float32)."""
+    N, K = w.shape
+    return w.view(N // 8, K // 2, 8, 2).transpose(1, 2).reshape(N, K), scales.transpose(1, 2).reshape(N, -1)
+
+
+def dequantize_int8_kernel(w: Tensor, scales: Tensor) -> Tensor:
+    """(N, K) float32 from the kernel layout."""
+    return dequantize_int8(*int8_from_kernel(w, scales))
 
 
 def int4_to_kernel(q: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,10 +214,13 @@ def use_cpu_attention(transformer: nn.Module) -> None:
 
 
 def int8_linear(x: Tensor, w: Tensor, scales: Tensor, use_kernel: bool) -> Tensor:
-    """x (M, K) @ dequantize_int8(w, scales).T in x's dtype."""
-    if use_kernel and x.size(0) <= GEMV_MAX_ROWS:
+    """x (M, K) @ w_float.T in x's dtype: w and scales in the kernel layout (int8_to_kernel) when use_kernel,
+    else (N, K) and (N, G)."""
+    if not use_kernel:
+        return float_linear(x, dequantize_int8(w, scales))
+    if x.size(0) <= GEMV_MAX_ROWS:
         return torch.ops.fastllama.int8_linear(x, w, scales)
-    return float_linear(x, dequantize_int8(w, scales))
+    return float_linear(x, dequantize_int8_kernel(w, scales))
 
 
 def int4_linear(x: Tensor, w: Tensor, dm: Tensor, use_kernel: bool) -> Tensor:

@@ -107,17 +107,24 @@ class Int8Linear(nn.Module):
         self.kernel = None  # set by prepare() once the module is on its device
 
     def prepare(self) -> None:
+        """Pick the device's kernel; for kernels.cpp, repack weight and scales into its layout (new tensors, so a
+        tied embedding keeps the checkpoint's rows)."""
+        if self.kernel is not None:
+            return
         self.kernel = kernel_for(self.weight.device, self.in_features, self.out_features)
         if self.kernel == "cuda" and self.scales.dim() == 2:
             self.kernel = "torch"  # torch's CUDA int8 kernel is per channel only
+        if self.kernel == "cpp":
+            self.weight, self.scales = kernels.int8_to_kernel(self.weight, self.scales.view(self.out_features, -1))
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "cuda":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
+        elif self.kernel == "cpp":
+            y = kernels.int8_linear(x2, self.weight, self.scales, use_kernel=True)
         else:
-            scales = self.scales.float().view(self.out_features, -1)
-            y = kernels.int8_linear(x2, self.weight, scales, self.kernel == "cpp")
+            y = kernels.int8_linear(x2, self.weight, self.scales.float().view(self.out_features, -1), use_kernel=False)
         y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -202,7 +209,8 @@ def swap_modules(model: nn.Module, quantization: dict) -> None:
 
 
 def tie_quantized(model: nn.Module) -> None:
-    """Tied embeddings: the int8 embedding and output layer share one tensor."""
+    """Tied embeddings: the int8 embedding and output layer share one tensor (on CPU, prepare() then gives the
+    output layer a copy in the kernel's layout: 8-row groups would make every embedding lookup a strided gather)."""
     model.output.weight = model.tok_embeddings.weight
     model.output.scales = model.tok_embeddings.scales
 

@@ -20,25 +20,37 @@ def close(got, ref, rel):
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
-@pytest.mark.parametrize("N, K", [(96, 128), (33, 64), (960, 576), (40, 1536)])
+@pytest.mark.parametrize("N, K", [(96, 128), (8, 64), (960, 576), (40, 1536)])
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_int8_kernel_matches_reference(N, K, M):
+    assert kernels.cpu_kernels()  # builds and registers the ops when this test runs alone
     torch.manual_seed(N + K + M)
     x, w = torch.randn(M, K), torch.randn(N, K)
+    xo = x.clone()
+    xo[0, 5] = 30.0  # an outlier: its block's other inputs get coarser, the other blocks don't
     for G in sorted({1, K // 64, K // 32}):  # per channel and per group of 64 / 32
-        q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        q = torch.randint(-128, 128, (N, K), dtype=torch.int8)  # -128 too: GGUF Q8_0 blocks may hold it
         s = torch.rand(N, G) + 0.1
+        wk, sk = kernels.int8_to_kernel(q, s)
+        q2, s2 = kernels.int8_from_kernel(wk, sk)
+        assert torch.equal(q2, q) and torch.equal(s2, s) and wk.shape == q.shape and sk.shape == (N // 8, G, 8)
         ref = x @ kernels.dequantize_int8(q, s).T
-        close(torch.ops.fastllama.int8_linear(x, q, s), ref, 2e-4)  # int16 activations: ~1e-5 of the largest
-        close(torch.ops.fastllama.int8_linear(x.bfloat16(), q, s), x.bfloat16().float() @ kernels.dequantize_int8(q, s).T, 1e-2)
+        got = torch.ops.fastllama.int8_linear(x, wk, sk)
+        assert got.shape == (M, N) and got.dtype == torch.float32
+        close(got, ref, 2e-4)  # int16 activations: ~1e-5 of the largest
+        close(torch.ops.fastllama.int8_linear(xo, wk, sk), xo @ kernels.dequantize_int8(q, s).T, 2e-4)
+        close(torch.ops.fastllama.int8_linear(x.bfloat16(), wk, sk), x.bfloat16().float() @ kernels.dequantize_int8(q, s).T, 1e-2)
+        x40 = torch.randn(40, K)  # more rows than a GEMV: the kernel layout dequantized, then F.linear
+        close(kernels.int8_linear(x40, wk, sk, use_kernel=True), x40 @ kernels.dequantize_int8(q, s).T, 1e-5)
     q, s = qz.quantize_int8(w)
-    close(kernels.int8_linear(x, q, s[:, None], use_kernel=True), x @ w.T, 2e-2)  # and the weights are int8 of w
+    close(kernels.int8_linear(x, *kernels.int8_to_kernel(q, s), use_kernel=True), x @ w.T, 2e-2)  # the weights: int8 of w
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
 @pytest.mark.parametrize("N, K", [(96, 128), (8, 64), (960, 576), (40, 1536)])
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_int4_kernel_matches_reference(N, K, M):
+    assert kernels.cpu_kernels()
     torch.manual_seed(N + K + M)
     x = torch.randn(M, K)
     xo = x.clone()
@@ -148,19 +160,23 @@ def test_half_model_prefill_matches_plain_half_model(tiny_llama, monkeypatch):
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B, H, KV, S, D", [(1, 9, 3, 40, 64), (3, 4, 4, 33, 128), (2, 14, 2, 17, 96), (2, 2, 1, 9, 40)])
+@pytest.mark.parametrize("B, H, KV, S, D", [(1, 9, 3, 40, 64), (3, 4, 4, 33, 128), (2, 14, 2, 17, 96), (2, 2, 1, 9, 40),
+                                            (1, 9, 3, 300, 64), (3, 6, 2, 200, 64)])
 def test_decode_attention_kernel_matches_reference(dtype, B, H, KV, S, D):
     """One query position over a KV cache: the C++ kernel against model.decode_attention in float32, for
-    causal prefixes of different lengths per row, a sliding-window hole, left padding and a shared mask."""
+    causal prefixes of different lengths per row, a sliding-window hole, left padding and a shared mask; long caches
+    are split into chunks of positions (merged exactly), also when a row has fewer visible positions than chunks."""
     import model
 
+    assert kernels.cpu_kernels()
     torch.manual_seed(S * D + B)
     q = (torch.randn(B, H, 1, D) * 3).to(dtype)  # * 3: peaked softmaxes, exp of large negative scores
     k, v = torch.randn(B, KV, S, D).to(dtype), torch.randn(B, KV, S, D).to(dtype)
     pos = torch.arange(S)
     masks = [pos <= S - 1 - torch.arange(B)[:, None],  # row b sees S - b positions
              (pos > 2) & (pos <= S - 3) & (pos % 4 != 1),  # holes, broadcast over the batch
-             pos[None, :] == torch.arange(B)[:, None]]  # one visible position per row
+             pos[None, :] == torch.arange(B)[:, None],  # one visible position per row
+             pos[None, :] < torch.tensor([S, 1, 2][:B])[:, None]]  # one long row, the others one or two positions
     for mask in masks:
         mask4 = mask.view(-1, 1, 1, S)
         ref = model.decode_attention(q.float(), k.float(), v.float(), mask4)

@@ -52,7 +52,7 @@ def test_kernels_match_dequantized_reference(dtype, tol):
 
 def test_weights_in_huge_pages_keep_values_outputs_and_ties():
     """load_model on CPU copies every weight into one huge-page arena (kernels.weights_in_huge_pages): same values
-    and outputs, new separate storages, tied tensors (int8 embedding / output, float Parameters) still one."""
+    and outputs, new separate storages, tied tensors (int8 buffers, float Parameters) still one."""
     torch.manual_seed(0)
     model = torch.nn.Module()
     model.tok_embeddings, model.output = qz.Int8Embedding(64, 128), qz.Int8Linear(128, 64)
@@ -63,13 +63,18 @@ def test_weights_in_huge_pages_keep_values_outputs_and_ties():
     model.mid.weight, model.mid.scales_and_zeros = qz.pack_int4(q4), sz
     model.emb, model.head = torch.nn.Embedding(64, 128), torch.nn.Linear(128, 64, bias=False)
     model.head.weight = model.emb.weight
+    model.alias = qz.Int8Embedding(64, 128)
+    model.alias.weight, model.alias.scales = model.tok_embeddings.weight, model.tok_embeddings.scales
     qz.prepare(model)
+    if model.output.kernel == "cpp":  # the output layer got its own copy in the kernel's layout; the embedding kept its rows
+        q, s = kernels.int8_from_kernel(model.output.weight, model.output.scales)
+        assert torch.equal(q, model.tok_embeddings.weight) and torch.equal(s[:, 0], model.tok_embeddings.scales)
     x = torch.randn(1, 128)
     before = {name: t.clone() for name, t in model.state_dict().items()}
     outputs = [model.output(x), model.mid(x), model.head(x)]
     old_storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
     kernels.weights_in_huge_pages(model)
-    assert model.output.weight is model.tok_embeddings.weight and model.output.scales is model.tok_embeddings.scales
+    assert model.alias.weight is model.tok_embeddings.weight and model.alias.scales is model.tok_embeddings.scales
     assert model.head.weight is model.emb.weight and isinstance(model.head.weight, torch.nn.Parameter)
     after = model.state_dict(keep_vars=True)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

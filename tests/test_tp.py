@@ -56,14 +56,22 @@ def test_shard_keeps_gqa_groups_and_scales(tiny_llama):
     """One rank's slices by hand: q heads 0-1 with kv head 0; int8 scales follow their rows."""
     _, folder = tiny_llama
     path = qz.main(checkpoint_path=folder / "model.pth", mode="int8")
-    full = load_model(path, "cpu", "fp32")
-    part = load_model(path, "cpu", "fp32", transform=lambda m: tp.shard(m, 0, 2))
+    seen = {}  # each model's layer 0 as the transform left it, before the kernels repack it
+
+    def load(name, transform=lambda m: None):
+        def keep(m):
+            transform(m)
+            seen[name] = {k: v for k, v in m.layers[0].attention.state_dict().items() if "cache" not in k}
+        return load_model(path, "cpu", "fp32", transform=keep)
+
+    full, part = load("full"), load("part", lambda m: tp.shard(m, 0, 2))
     a, b = full.layers[0].attention, part.layers[0].attention
+    sa, sb = seen["full"], seen["part"]
     hd, c = a.head_dim, full.config
     rows = list(range(0, c.n_head // 2 * hd)) + [c.n_head * hd + i for i in range(c.n_kv_heads // 2 * hd)]
     rows += [(c.n_head + c.n_kv_heads) * hd + i for i in range(c.n_kv_heads // 2 * hd)]
-    assert torch.equal(b.wqkv.weight, a.wqkv.weight[rows]) and torch.equal(b.wqkv.scales, a.wqkv.scales[rows])
-    assert torch.equal(b.wo.weight, a.wo.weight[:, : c.n_head // 2 * hd]) and torch.equal(b.wo.scales, a.wo.scales)
+    assert torch.equal(sb["wqkv.weight"], sa["wqkv.weight"][rows]) and torch.equal(sb["wqkv.scales"], sa["wqkv.scales"][rows])
+    assert torch.equal(sb["wo.weight"], sa["wo.weight"][:, : c.n_head // 2 * hd]) and torch.equal(sb["wo.scales"], sa["wo.scales"])
     assert (b.n_head, b.n_kv_heads) == (c.n_head // 2, c.n_kv_heads // 2)
     assert b.wqkv.kernel == a.wqkv.kernel  # sharded before the kernels were picked
 
