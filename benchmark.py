@@ -6,7 +6,9 @@ For each precision and system: prefill tokens/s of a --prompt_tokens prompt, tim
 decode tokens/s at batch 1 and at --batch_size, the weight bandwidth that decode speed implies (bytes
 of weights read per token x tokens/s) next to the machine's own copy bandwidth measured in the same
 run, peak memory and compile time; medians of --runs runs after a warm-up. Every row runs in its own
-process, so peak memory is that row's alone.
+process, so peak memory is that row's alone. The systems of one precision are loaded side by side and
+their timed runs alternate (A B, B A, ...): this machine's speed drifts by a fifth within minutes, and
+alternating puts that drift on both sides of a ratio instead of into it.
 
 Precisions: fp32 and bf16 run the float checkpoint; int8 and int4 (group 32) run quantize.py's
 checkpoints beside it (made on first use), with float32 activations on CPU (the int8/int4 kernels
@@ -23,7 +25,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,6 +44,7 @@ BENCH_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
 SYSTEMS = ("transformers", "llama.cpp")
 QUANTIZED = {"int8": ("int8", None), "int4": ("int4", 32)}  # precision -> quantize.py (mode, groupsize)
 LLAMA_CPP_TYPES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_1"}
+PRECISION_LABELS = {"int4": "int4 g32"}  # as the table prints them
 TEXT = ("The history of computing is a story of people who wanted to calculate faster than they could by hand. "
         "From the abacus to mechanical calculators, from punched cards to transistors, each step made machines "
         "smaller, cheaper and more capable. ")
@@ -76,25 +81,16 @@ def timed_generate(run, n_new: int) -> tuple[float, float]:
     return marks[0] - t0, (n_new - 1) / (t1 - marks[0])
 
 
-def measure(make_run, n_prompt: int, n_new: int, runs: int, batch_sizes: tuple) -> dict:
-    """The speed columns of one system. make_run(b) returns run(callback) generating n_new tokens for batch b;
-    each batch size gets a warm-up (its time, at the first batch size, is warmup_s) and `runs` timed runs."""
-    row = {"decode_batch_tok_s": None}
-    for b in batch_sizes:
-        run = make_run(b)
-        t0 = time.perf_counter()
-        run(lambda _: None)  # warm-up; compiles the decode step for this batch size when it is compiled
-        warm = time.perf_counter() - t0
-        results = [timed_generate(run, n_new) for _ in range(runs)]
-        ttft, tps = statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
-        if b == batch_sizes[0]:
-            row.update(ttft_ms=ttft * 1e3, prefill_tok_s=n_prompt / ttft, decode_tok_s=tps, warmup_s=warm)
-        else:
-            row["decode_batch_tok_s"] = tps * b
-    return row
+@dataclass
+class Runner:
+    """A system loaded in its worker process: make_run(b) returns run(callback), which generates the row's
+    tokens for batch b and calls back once per token; info() gives the row's other columns at the end."""
+    make_run: Callable
+    batch_sizes: tuple
+    info: Callable[[], dict]
 
 
-# ---- the systems; each returns one row's measurements ------------------------------------------------------
+# ---- the systems; each returns the Runner of one row ------------------------------------------------------
 
 def is_fresh(made: Path, source: Path) -> bool:
     """True if a file derived from source exists and is newer than it (else it is made again)."""
@@ -116,7 +112,7 @@ def checkpoint_for(checkpoint: Path, precision: str) -> Path:
     return out
 
 
-def bench_fastllama(checkpoint, device, precision, ids, n_new, runs, batch_size, compiled) -> dict:
+def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_size, compiled) -> Runner:
     path = checkpoint_for(checkpoint, precision)
     activations = ("bf16" if device.type == "cuda" else "fp32") if precision in QUANTIZED else precision
     model = load_model(path, device, activations)
@@ -127,15 +123,12 @@ def bench_fastllama(checkpoint, device, precision, ids, n_new, runs, batch_size,
         model.setup_caches(b, len(ids) + n_new)
         return lambda cb: generate(model, x, n_new, temperature=0.0, decode_step=step, callback=cb)
 
-    row = {"weights_file": path.name, "activations": activations,
-           **measure(make_run, len(ids), n_new, runs, (1, batch_size))}
-    row["compile_s"] = row["warmup_s"] if compiled else None
-    row["weights_gb"] = model_size_bytes(model) / 1e9
-    row["peak_memory_gb"] = peak_memory_bytes(device) / 1e9
-    return row
+    return Runner(make_run, (1, batch_size), lambda: {
+        "weights_file": path.name, "activations": activations, "weights_gb": model_size_bytes(model) / 1e9,
+        "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
 
-def bench_transformers(checkpoint, device, precision, ids, n_new, runs, batch_size) -> dict:
+def bench_transformers(checkpoint, device, precision, ids, n_new, batch_size) -> Runner:
     import transformers
 
     if precision in QUANTIZED:
@@ -172,10 +165,9 @@ def bench_transformers(checkpoint, device, precision, ids, n_new, runs, batch_si
                            pad_token_id=0)
         return run
 
-    row = {**measure(make_run, len(ids), n_new, runs, (1, batch_size)), "compile_s": None}
-    row["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
-    row["peak_memory_gb"] = peak_memory_bytes(device) / 1e9
-    return row
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    return Runner(make_run, (1, batch_size), lambda: {"weights_gb": weights_gb,
+                                                      "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
 
 def llama_cpp_gguf(checkpoint: Path, precision: str) -> Path:
@@ -203,7 +195,7 @@ def llama_cpp_gguf(checkpoint: Path, precision: str) -> Path:
     return out
 
 
-def bench_llama_cpp(checkpoint, device, precision, ids, n_new, runs, batch_size) -> dict:
+def bench_llama_cpp(checkpoint, device, precision, ids, n_new, batch_size) -> Runner:
     import llama_cpp
 
     if device.type != "cpu":
@@ -220,20 +212,109 @@ def bench_llama_cpp(checkpoint, device, precision, ids, n_new, runs, batch_size)
             if i + 1 == n_new:
                 break
 
-    return {"weights_file": path.name, **measure(lambda _b: run, len(ids), n_new, runs, (1,)), "compile_s": None,
-            "weights_gb": path.stat().st_size / 1e9, "peak_memory_gb": peak_memory_bytes(device) / 1e9}
+    return Runner(lambda _b: run, (1,), lambda: {"weights_file": path.name, "weights_gb": path.stat().st_size / 1e9,
+                                                  "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
 
-def worker(spec: dict) -> dict:
-    """One row, in this process: spec names system, precision and the shared settings."""
+def serve(spec: dict) -> None:
+    """The worker process of one row: load the system that spec names, then answer the parent's commands, one
+    JSON line each way: warm-up at batch b (its time), one timed run at batch b, and at the end the row's info."""
     device = resolve_device(spec["device"])
     torch.manual_seed(0)
-    args = (Path(spec["checkpoint"]), device, spec["precision"], spec["ids"], spec["max_new_tokens"], spec["runs"],
-            spec["batch_size"])
+    args = (Path(spec["checkpoint"]), device, spec["precision"], spec["ids"], spec["max_new_tokens"], spec["batch_size"])
     system = spec["system"]
     if system.startswith("fastllama"):
-        return bench_fastllama(*args, compiled=system == "fastllama --compile")
-    return {"transformers": bench_transformers, "llama.cpp": bench_llama_cpp}[system](*args)
+        runner = bench_fastllama(*args, compiled=system == "fastllama --compile")
+    else:
+        runner = {"transformers": bench_transformers, "llama.cpp": bench_llama_cpp}[system](*args)
+    reply = lambda obj: print(REPLY + json.dumps(obj), flush=True)  # noqa: E731
+    reply({"batch_sizes": runner.batch_sizes})
+    run = None
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "warm":
+            run = runner.make_run(cmd["b"])
+            t0 = time.perf_counter()
+            run(lambda _: None)  # compiles the decode step for this batch size when it is compiled
+            reply({"s": time.perf_counter() - t0})
+        elif cmd["op"] == "time":
+            reply(dict(zip(("ttft", "tps"), timed_generate(run, spec["max_new_tokens"]))))
+        else:
+            reply(runner.info())
+            return
+
+
+REPLY = "@@benchmark "  # marks the worker's answers among whatever else its libraries print
+
+
+class Worker:
+    """The parent's handle on one row's worker process (serve)."""
+
+    def __init__(self, spec: dict):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker_spec", json.dumps(spec)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.batch_sizes = tuple(self._read()["batch_sizes"])
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        raise RuntimeError(f"exit code {self.proc.wait()} (its stderr is above)")
+
+    def call(self, op: str, b: int = 1) -> dict:
+        self.proc.stdin.write(json.dumps({"op": op, "b": b}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def measure(specs: dict, runs: int, batch_size: int) -> dict:
+    """Rows for the systems of one precision (system -> worker spec): each loaded in its own worker, warmed up,
+    then timed in alternating order, batch 1 first, then batch_size for the systems that run batches."""
+    rows, workers = {s: {} for s in specs}, {}
+
+    def attempt(system, fn):  # a failing system leaves its row with the error; the others go on
+        try:
+            return fn()
+        except (OSError, RuntimeError, ValueError) as e:
+            rows[system]["error"] = str(e)
+            workers.pop(system, None)
+            return None
+
+    for system, spec in specs.items():
+        print(f"loading {system} {spec['precision']} ...", file=sys.stderr, flush=True)
+        worker = attempt(system, lambda: Worker(spec))
+        if worker is not None:
+            workers[system] = worker
+    for b in (1, batch_size):
+        active = [s for s, w in workers.items() if b in w.batch_sizes]
+        times = {s: [] for s in active}
+        for s in active:
+            warm = attempt(s, lambda: workers[s].call("warm", b))
+            if warm is not None and b == 1:
+                rows[s]["warmup_s"] = warm["s"]
+        for r in range(runs):
+            for s in active if r % 2 == 0 else active[::-1]:
+                if s in workers:
+                    t = attempt(s, lambda: workers[s].call("time", b))
+                    if t is not None:
+                        times[s].append(t)
+        for s in (s for s in active if s in workers):
+            ttft, tps = statistics.median(t["ttft"] for t in times[s]), statistics.median(t["tps"] for t in times[s])
+            if b == 1:
+                rows[s].update(ttft_ms=ttft * 1e3, prefill_tok_s=len(specs[s]["ids"]) / ttft, decode_tok_s=tps,
+                               decode_batch_tok_s=None)
+            else:
+                rows[s]["decode_batch_tok_s"] = tps * b
+    for s in list(workers):
+        info = attempt(s, lambda: workers[s].call("info"))
+        if info is not None:
+            rows[s].update(info)
+            workers[s].close()
+    return rows
 
 
 # ---- the command ---------------------------------------------------------------------------------------
@@ -243,7 +324,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
          batch_size: int = 4, runs: int = 3, json_path: Path | None = None, worker_spec: str | None = None) -> list[dict]:
     """Benchmark each precision and system; print a markdown table; return (and optionally save) the rows."""
     if worker_spec is not None:
-        print(json.dumps(worker(json.loads(worker_spec))))
+        serve(json.loads(worker_spec))
         return []
     dev = resolve_device(device)
     names = [p.strip() for p in precisions.split(",") if p.strip()]
@@ -267,15 +348,14 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
     systems = ["fastllama --compile"] + (["fastllama eager"] if eager else []) + others
     rows = []
     for precision in names:
-        for system in systems:
-            if (system == "transformers" and precision in QUANTIZED) or (system == "llama.cpp" and precision not in LLAMA_CPP_TYPES):
-                continue
-            print(f"running {system} {precision} ...", file=sys.stderr, flush=True)
-            spec = {"system": system, "precision": precision, "checkpoint": str(weights), "device": str(dev),
-                    "ids": ids, "max_new_tokens": max_new_tokens, "runs": runs, "batch_size": batch_size}
+        specs = {system: {"system": system, "precision": precision, "checkpoint": str(weights), "device": str(dev),
+                          "ids": ids, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+                 for system in systems if not (system == "transformers" and precision in QUANTIZED)
+                 and not (system == "llama.cpp" and precision not in LLAMA_CPP_TYPES)}
+        for system, row in measure(specs, runs, batch_size).items():
             row = {"system": system, "precision": precision, "device": str(dev), "threads": torch.get_num_threads(),
-                   "batch_size": batch_size, "copy_bandwidth_gb_s": stream}
-            row.update(run_worker(spec))
+                   "batch_size": batch_size, "copy_bandwidth_gb_s": stream, **row}
+            row["compile_s"] = row.get("warmup_s") if system == "fastllama --compile" else None
             if "decode_tok_s" in row:
                 row["bandwidth_gb_s"] = row["weights_gb"] * row["decode_tok_s"]
             rows.append(row)
@@ -283,15 +363,6 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
     if json_path is not None:
         Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
-
-
-def run_worker(spec: dict) -> dict:
-    """Run one row in a fresh Python process; its last stdout line is the row's JSON."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker_spec", json.dumps(spec)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        return {"error": f"exit code {proc.returncode} (its stderr is above)"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def print_table(rows, prompt_tokens, max_new_tokens, batch_size, stream) -> None:
@@ -312,7 +383,8 @@ def print_table(rows, prompt_tokens, max_new_tokens, batch_size, stream) -> None
             ref = next((x for x in rows if x["precision"] == r["precision"] and x["system"] == other
                         and "decode_tok_s" in x), None)
             ratios.append(f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref and r["system"].startswith("fastllama") else "-")
-        print(f"| {r['precision']} | {r['system']} | {num(r['prefill_tok_s'])} | {num(r['ttft_ms'], '.0f')} "
+        system = f"llama.cpp ({LLAMA_CPP_TYPES[r['precision']]})" if r["system"] == "llama.cpp" else r["system"]
+        print(f"| {PRECISION_LABELS.get(r['precision'], r['precision'])} | {system} | {num(r['prefill_tok_s'])} | {num(r['ttft_ms'], '.0f')} "
               f"| {num(r['decode_tok_s'])} | {num(r.get('decode_batch_tok_s'))} | {num(r['bandwidth_gb_s'])} "
               f"| {r['bandwidth_gb_s'] / stream:.0%} | {num(r['peak_memory_gb'], '.2f')} | {num(r['compile_s'], '.0f')} "
               f"| {ratios[1]} | {ratios[0]} |")

@@ -32,7 +32,8 @@ def test_benchmark_llama_cpp(smollm2_dir, capsys):
                           prompt_tokens=8, max_new_tokens=8, batch_size=2, runs=1)
     assert [r["system"] for r in rows] == ["fastllama --compile", "llama.cpp"]
     assert rows[1]["weights_file"].endswith("-Q4_1.gguf") and rows[1]["decode_tok_s"] > 0
-    assert "| int4 | fastllama --compile |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| int4 g32 | fastllama --compile |" in out and "| int4 g32 | llama.cpp (Q4_1) |" in out
 
 
 def test_benchmark_bad_input(tiny_llama):
