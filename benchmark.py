@@ -321,7 +321,7 @@ def measure(specs: dict, runs: int, batch_size: int) -> dict:
 
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = None, precisions: str = "fp32,bf16,int8,int4",
          compare: str | None = None, eager: bool = False, prompt_tokens: int = 256, max_new_tokens: int = 128,
-         batch_size: int = 4, runs: int = 3, json_path: Path | None = None, worker_spec: str | None = None) -> list[dict]:
+         batch_size: int = 4, runs: int = 5, json_path: Path | None = None, worker_spec: str | None = None) -> list[dict]:
     """Benchmark each precision and system; print a markdown table; return (and optionally save) the rows."""
     if worker_spec is not None:
         serve(json.loads(worker_spec))
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_tokens", type=int, default=256, help="prompt length in tokens (prefill)")
     p.add_argument("--max_new_tokens", type=int, default=128, help="tokens generated per run")
     p.add_argument("--batch_size", type=int, default=4, help="the batch size measured besides batch 1")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per row (after one warm-up)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per row (after one warm-up)")
     p.add_argument("--json", dest="json_path", type=Path, default=None, help="also write the rows as JSON here")
     p.add_argument("--worker_spec", type=str, default=None, help=argparse.SUPPRESS)
     return p

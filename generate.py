@@ -80,7 +80,9 @@ def compile_step(fn, device: torch.device, dynamic: bool = False):
     C++ GEMM template over MKL (about 2x decode speed here), and cpp_wrapper makes the code that calls
     the kernels C++ as well (int8 decode 61 -> 74 tok/s: no Python between the ~150 kernel calls of a
     step; cold compiles take longer). `options=` does not apply these, so they are patched in around
-    each call, which is when compilation happens.
+    the call that compiles; calls that find compiled code run without them (set_stance fails a call that would
+    compile, which then runs again with them). size_asserts is off: the C++ wrapper checked the size and
+    stride of every kernel's output on every step (~1%), and the ops' fake implementations give them.
 
     Before every call, Dynamo checks ~6000 guards, nearly all of them that the model's modules did not
     change (hooks, attributes, parameter identities): ~1 ms of an 11 ms int8 step. On CPU, each model and
@@ -98,27 +100,37 @@ def compile_step(fn, device: torch.device, dynamic: bool = False):
     import torch._inductor.config as inductor_config
     from torch._inductor.exc import InductorError
 
-    compiled = weakref.WeakKeyDictionary()  # model -> (weakref to its rotary table, function, GEMM backends)
+    compiled = weakref.WeakKeyDictionary()  # model -> [weakref to its rotary table, function, GEMM backends, ran]
 
     def step(model: Transformer, *args, **kwargs):
         if model.max_seq_length <= 0:  # no caches yet: the model's own error says so
             return fn(model, *args, **kwargs)
-        table, f, backends = compiled.get(model, (None, None, "CPP"))
+        entry = compiled.get(model, [None, None, "CPP", False])
+        table, f, backends, ran = entry
         if table is None or table() is not model.freqs_cis:
             f = torch.compile(fn, fullgraph=True, dynamic=dynamic, isolate_recompiles=True, options={
                 **torch._inductor.list_mode_options("max-autotune-no-cudagraphs"),
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-            compiled[model] = weakref.ref(model.freqs_cis), f, backends
+            entry = compiled[model] = [weakref.ref(model.freqs_cis), f, backends, False]
+        if ran:  # most calls: compiled code for these arguments exists; run it without the settings below (~0.4 ms)
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return f(model, *args, **kwargs)
+            except RuntimeError as e:
+                if "fail_on_recompile" not in str(e):
+                    raise
         try:
             with inductor_config.patch(freezing=True, cpp_wrapper=True, max_autotune_gemm_backends=backends,
-                                       autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False), \
-                    warnings.catch_warnings():
+                                       size_asserts=False, autotune_num_choices_displayed=0,
+                                       max_autotune_report_choices_stats=False), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own autotuner
-                return f(model, *args, **kwargs)
+                out = f(model, *args, **kwargs)
+            entry[3] = True
+            return out
         except InductorError as e:
             if backends != "CPP" or not no_gemm_choice(e):
                 raise
-            compiled[model] = (None, None, "CPP,ATEN")  # a GEMM the C++ template cannot do: let ATen's kernels in
+            compiled[model] = [None, None, "CPP,ATEN", False]  # a GEMM the C++ template cannot do: let ATen in
             return step(model, *args, **kwargs)
 
     return step

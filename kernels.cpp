@@ -7,6 +7,7 @@
 //   int8_linear(x (M, K) float/bf16, w (N, K) int8, scales (N / 8, G, 8) float32) -> (M, N) in x's dtype
 //       y = x16 @ (w * scales[:, k // (K / G)]).T     x16: x rounded to int16 per block (error ~1e-5 relative)
 //       G = 1: per channel; G = K / 32: Q8_0-like. Rows in groups of 8, computed together in the 8 lanes of a vector.
+//   int8_glu(x, w1, s1, w3, s3) -> silu(int8_linear(x, w1, s1)) * int8_linear(x, w3, s3), in one call
 //   int4_linear(x (M, K), w (N, K / 2) uint8, dm (N / 8, 2, G, 8) float16) -> (M, N)
 //       y = x16 @ (q * d + m).T with (d, m) per group (llama.cpp's Q4_1 arithmetic), dm (N / 8, 2, G, 8):
 //       rows in groups of 8, each group's outputs computed together in the 8 lanes of one vector.
@@ -17,7 +18,10 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -30,6 +34,21 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// e^x for x <= 0 (Cephes' expf: 2^n times a degree-6 polynomial of the remainder; relative error ~1e-7)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
 // Activations rounded to int16 per block of 32: x[k] ~= q[k] * d[k / 32], d = max |x| / qmax over the block.
@@ -84,6 +103,44 @@ void quantize_x(const float* x, int64_t K, void* out, float* d, float* sums, int
     }
   }
 }
+
+// f(begin, end) over [0, n) on torch's threads, chunk items at a time. Each thread owns a contiguous share and
+// takes chunks from its front; when it runs out it takes chunks from the back of the other shares. So each
+// share is still read front to back as one stream, and a thread that starts late (woken after the others) or
+// loses its core for a while is helped instead of waited for, as a static split (at::parallel_for) must.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
+  const int T = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n / chunk, 1)));
+  if (T <= 1 || omp_in_parallel()) return f(0, n);
+  struct alignas(64) Share { std::atomic<uint64_t> v; };  // (end << 32) | begin of what is left
+  std::vector<Share> shares(T);
+  for (int t = 0; t < T; ++t) shares[t].v = (uint64_t((t + 1) * n / T) << 32) | uint64_t(t * n / T);
+  auto take = [chunk](Share& s, bool front, int64_t& b, int64_t& e) {
+    uint64_t cur = s.v.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t lo = cur & 0xFFFFFFFF, hi = cur >> 32;
+      if (lo >= hi) return false;
+      b = front ? lo : std::max(lo, hi - chunk), e = front ? std::min(hi, lo + chunk) : hi;
+      const uint64_t next = front ? (uint64_t(hi) << 32) | uint64_t(e) : (uint64_t(b) << 32) | uint64_t(lo);
+      if (s.v.compare_exchange_weak(cur, next, std::memory_order_relaxed)) return true;
+    }
+  };
+#pragma omp parallel num_threads(T)
+  {
+    const int t = omp_get_thread_num();
+    int64_t b, e;
+    while (take(shares[t], true, b, e)) f(b, e);
+    for (int o = 1; o < T; ++o)
+      while (take(shares[(t + o) % T], false, b, e)) f(b, e);
+  }
+}
+
+// x as float32 (M, K) rows, without a dispatcher call when it already is one
+inline at::Tensor as_float(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
+}
+
+inline at::Tensor in_dtype(const at::Tensor& y, at::ScalarType t) { return y.scalar_type() == t ? y : y.to(t); }
 
 inline __m256i load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
@@ -173,13 +230,18 @@ const QuantizedInput& quantize_input(const at::Tensor& xf, int64_t G) {
   return buf;
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  const int64_t M = x.size(0), N = w.size(0), K = w.size(1), G = scales.size(1);
+void check_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  const int64_t N = w.size(0), K = w.size(1), G = scales.size(1);
   check(x, w, K);
   TORCH_CHECK(w.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.is_contiguous() && N % 8 == 0 &&
               scales.dim() == 3 && scales.size(0) == N / 8 && scales.size(2) == 8 && K % G == 0 && (K / G) % 32 == 0,
               "int8_linear: bad weight or scales");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1), G = scales.size(1);
+  check_int8(x, w, scales);
+  const at::Tensor xf = as_float(x);
   const QuantizedInput& xin = quantize_input<Split::no>(xf, 0);
   at::Tensor y = at::empty({M, N}, xf.options());
   const int16_t* qp = reinterpret_cast<const int16_t*>(xin.q.data());
@@ -187,12 +249,43 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int8_t* wp = w.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   // no software prefetch: one sequential stream per thread, which the hardware prefetcher follows
-  at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {
+  parallel_chunks(N / 8, 4, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t m = 0; m < M; ++m)
         int8_rows8(qp + m * K, dp + m * K / 32, K, wp + r * 8 * K, sp + r * 8 * G, G, yp + m * N + 8 * r);
   });
-  return y.to(x.scalar_type());
+  return in_dtype(y, x.scalar_type());
+}
+
+// silu(x @ w1.T) * (x @ w3.T) (a gated MLP's first half) in one call: both products of a row group side by side,
+// so x is rounded once and the (M, N) result is written once, instead of two int8_linear calls and a pointwise op.
+at::Tensor int8_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
+                    const at::Tensor& s3) {
+  const int64_t M = x.size(0), N = w1.size(0), K = w1.size(1), G = s1.size(1);
+  check_int8(x, w1, s1);
+  check_int8(x, w3, s3);
+  TORCH_CHECK(w3.sizes() == w1.sizes() && s3.sizes() == s1.sizes(), "int8_glu: w1 and w3 must have the same shapes");
+  const at::Tensor xf = as_float(x);
+  const QuantizedInput& xin = quantize_input<Split::no>(xf, 0);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  const int16_t* qp = reinterpret_cast<const int16_t*>(xin.q.data());
+  const float *dp = xin.d.data(), *sp1 = s1.data_ptr<float>(), *sp3 = s3.data_ptr<float>();
+  const int8_t *wp1 = w1.data_ptr<int8_t>(), *wp3 = w3.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  parallel_chunks(N / 8, 4, [&](int64_t begin, int64_t end) {
+    alignas(32) float a[8], b[8];
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t m = 0; m < M; ++m) {
+        int8_rows8(qp + m * K, dp + m * K / 32, K, wp1 + r * 8 * K, sp1 + r * 8 * G, G, a);
+        int8_rows8(qp + m * K, dp + m * K / 32, K, wp3 + r * 8 * K, sp3 + r * 8 * G, G, b);
+        // silu(g) = g * sigmoid(g), sigmoid from e = e^-|g| (exp8 wants x <= 0): 1 / (1 + e) for g >= 0, e / (1 + e) below
+        const __m256 g = _mm256_load_ps(a), e = exp8(_mm256_or_ps(_mm256_set1_ps(-0.f), g));  // -|g|
+        const __m256 num = _mm256_blendv_ps(_mm256_set1_ps(1.f), e, g);  // blendv picks e where g's sign bit is set
+        const __m256 sig = _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+        _mm256_storeu_ps(yp + m * N + 8 * r, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_load_ps(b)));
+      }
+  });
+  return in_dtype(y, x.scalar_type());
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm) {
@@ -201,7 +294,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf && dm.is_contiguous() && N % 8 == 0 &&
               dm.dim() == 4 && dm.size(0) == N / 8 && dm.size(1) == 2 && dm.size(3) == 8 && K % G == 0 &&
               (K / G) % 32 == 0, "int4_linear: bad weight or dm");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor xf = as_float(x);
   const QuantizedInput& xin = quantize_input<Split::bytes>(xf, G);  // s: sums of x per group, for the m terms
   at::Tensor y = at::empty({M, N}, xf.options());
   const int8_t* qp = xin.q.data();
@@ -210,13 +303,13 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   // no software prefetch (as int8): prefetching 2 row groups ahead made the 150 int4 calls of a step 5-10% slower
-  at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {
+  parallel_chunks(N / 8, 4, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t m = 0; m < M; ++m)
         int4_rows8(qp + 2 * m * K, dp + m * K / 32, xsp + m * G, K, wp + r * 4 * K, mp + 16 * G * r, G, yp + m * N + 8 * r);
     }
   });
-  return y.to(x.scalar_type());
+  return in_dtype(y, x.scalar_type());
 }
 
 // ---- attention of one new token over the KV cache --------------------------------------------------------
@@ -227,21 +320,6 @@ inline __m256 load8(const at::BFloat16* p) {  // bf16 is the high half of a floa
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-
-// e^x for x <= 0 (Cephes' expf: 2^n times a degree-6 polynomial of the remainder; relative error ~1e-7)
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
 
 // out[c..c+W) (vectors of 8) = sum_i p[i] v[pos[i]]: W independent accumulators that stay in registers.
 template <int W, typename T>
@@ -325,7 +403,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t most = *std::max_element(count.begin(), count.end());
   const int64_t C = std::clamp<int64_t>((2 * at::get_num_threads() + B * KV - 1) / (B * KV), 1, std::max<int64_t>(most / 32, 1));
   std::vector<float> part(B * H * C * (D + 2));  // per (b, h, chunk): unnormalized output (D), max score, sum of weights
-  at::parallel_for(0, B * KV * C, 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(B * KV * C, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> sc;  // scores, then weights: lives as long as the thread (see QuantizedInput)
     sc.resize(S + 8);
     for (int64_t item = begin; item < end; ++item) {
@@ -371,12 +449,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY(fastllama, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("int8_glu(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor weight, Tensor dm) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastllama, CPU, m) {
   m.impl("int8_linear", &int8_linear);
+  m.impl("int8_glu", &int8_glu);
   m.impl("int4_linear", &int4_linear);
   m.impl("decode_attention", &decode_attention);
 }

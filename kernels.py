@@ -3,7 +3,7 @@ weights in huge pages (weights_in_huge_pages).
 
 kernels.cpp is compiled once per source version with torch.utils.cpp_extension (cached under
 ~/.cache/torch_extensions) the first time a model is loaded on an AVX2 CPU; the ops it
-registers, torch.ops.fastllama.int8_linear / int4_linear / decode_attention, are opaque to torch.compile (fake
+registers, torch.ops.fastllama.int8_linear / int8_glu / int4_linear / decode_attention, are opaque to torch.compile (fake
 implementations below give their shapes). Everywhere else (no AVX2, no compiler,
 FASTLLAMA_KERNELS=0, large batches) the same math runs as plain PyTorch: dequantize, then F.linear.
 float_linear / HalfLinear: bf16 / fp16 prefill GEMMs in float32 on CPUs without half-precision arithmetic.
@@ -51,6 +51,7 @@ def cpu_kernels() -> bool:
         return False
     torch.library.register_fake("fastllama::int8_linear")(_fake_linear)
     torch.library.register_fake("fastllama::int4_linear")(_fake_linear)
+    torch.library.register_fake("fastllama::int8_glu")(lambda x, w1, s1, w3, s3: x.new_empty(x.size(0), w1.size(0)))
     torch.library.register_fake("fastllama::decode_attention")(lambda q, k, v, mask: torch.empty_like(q))
     return True
 
@@ -221,6 +222,14 @@ def int8_linear(x: Tensor, w: Tensor, scales: Tensor, use_kernel: bool) -> Tenso
     if x.size(0) <= GEMV_MAX_ROWS:
         return torch.ops.fastllama.int8_linear(x, w, scales)
     return float_linear(x, dequantize_int8_kernel(w, scales))
+
+
+def int8_glu(x: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor) -> Tensor:
+    """silu(x @ w1_float.T) * (x @ w3_float.T) in x's dtype, weights and scales in the kernel layout: one C++ call
+    for few rows (decode; 30 fewer calls and pointwise kernels per step on the default model), else float math."""
+    if x.size(0) <= GEMV_MAX_ROWS:
+        return torch.ops.fastllama.int8_glu(x, w1, s1, w3, s3)
+    return F.silu(int8_linear(x, w1, s1, True)) * int8_linear(x, w3, s3, True)
 
 
 def int4_linear(x: Tensor, w: Tensor, dm: Tensor, use_kernel: bool) -> Tensor:

@@ -256,9 +256,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+        self.glu = None  # x -> silu(w1(x)) * w3(x) in one call; quantize.py may set one for its kernels
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h = self.glu(x) if self.glu is not None else F.silu(self.w1(x)) * self.w3(x)
+        return self.w2(h)
 
 
 class TransformerBlock(nn.Module):

@@ -17,6 +17,7 @@ records mode and group size; load_model reads them from there.
 References: GPTQ, https://arxiv.org/abs/2210.17323 ; gpt-fast quantize.py
 """
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
+from model import FeedForward
 
 MODES = ("int8", "int4", "int4-gptq")
 GROUPSIZES = (32, 64, 128, 256)
@@ -216,10 +218,23 @@ def tie_quantized(model: nn.Module) -> None:
 
 
 def prepare(model: nn.Module) -> None:
-    """Pick each quantized layer's kernel for the device it is on (and repack int4 weights for it)."""
+    """Pick each quantized layer's kernel for the device it is on (and repack int4 weights for it); give a
+    feed-forward whose w1 and w3 both use kernels.cpp's int8 kernel the fused kernels.int8_glu."""
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
             m.prepare()
+    for m in model.modules():
+        w1, w3 = getattr(m, "w1", None), getattr(m, "w3", None)
+        if (isinstance(m, FeedForward) and isinstance(w1, Int8Linear) and isinstance(w3, Int8Linear) and
+                w1.kernel == w3.kernel == "cpp" and w1.bias is None and w3.bias is None and
+                w1.weight.shape == w3.weight.shape and w1.scales.shape == w3.scales.shape):
+            m.glu = functools.partial(int8_glu, w1, w3)
+
+
+def int8_glu(w1: Int8Linear, w3: Int8Linear, x: Tensor) -> Tensor:
+    """FeedForward.glu for two int8 layers in kernels.cpp's layout."""
+    y = kernels.int8_glu(x.reshape(-1, w1.in_features), w1.weight, w1.scales, w3.weight, w3.scales)
+    return y.view(*x.shape[:-1], w1.out_features)
 
 
 def _parent(model: nn.Module, name: str):

@@ -47,6 +47,57 @@ def test_int8_kernel_matches_reference(N, K, M):
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@pytest.mark.parametrize("N, K", [(96, 64), (8, 128), (1536, 576)])
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_int8_glu_kernel_matches_reference(N, K, M):
+    """int8_glu = silu(x @ w1.T) * (x @ w3.T) with both weights dequantized, positive and negative gates alike."""
+    assert kernels.cpu_kernels()
+    torch.manual_seed(N + K + M)
+    x = torch.randn(M, K)
+    for G in sorted({1, K // 32}):
+        q1, q3 = (torch.randint(-128, 128, (N, K), dtype=torch.int8) for _ in range(2))
+        s1, s3 = torch.rand(N, G) * 0.02, torch.rand(N, G) * 0.02
+        gate, up = x @ kernels.dequantize_int8(q1, s1).T, x @ kernels.dequantize_int8(q3, s3).T
+        assert (gate < -1).any() and (gate > 1).any()
+        ref = F.silu(gate) * up
+        k1, k3 = kernels.int8_to_kernel(q1, s1), kernels.int8_to_kernel(q3, s3)
+        got = torch.ops.fastllama.int8_glu(x, *k1, *k3)
+        assert got.shape == (M, N) and got.dtype == torch.float32
+        close(got, ref, 2e-4)
+        half = torch.ops.fastllama.int8_glu(x.bfloat16(), *k1, *k3)
+        assert half.dtype == torch.bfloat16
+        xb = x.bfloat16().float()
+        close(half, F.silu(xb @ kernels.dequantize_int8(q1, s1).T) * (xb @ kernels.dequantize_int8(q3, s3).T), 1e-2)
+        x40 = torch.randn(40, K)  # prefill rows: float math on the dequantized weights
+        ref40 = F.silu(x40 @ kernels.dequantize_int8(q1, s1).T) * (x40 @ kernels.dequantize_int8(q3, s3).T)
+        close(kernels.int8_glu(x40, *k1, *k3), ref40, 1e-5)
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+def test_int8_model_feed_forward_uses_glu_and_matches_separate_layers(tiny_llama):
+    """quantize.prepare gives every int8 feed-forward the fused op; logits and greedy tokens match the model with
+    w1, silu, w3 called one by one."""
+    _, folder = tiny_llama
+    model = load_model(qz.main(checkpoint_path=folder / "model.pth", mode="int8"), "cpu", "fp32")
+    ffs = [b.feed_forward for b in model.layers]
+    assert all(ff.glu is not None for ff in ffs)
+    idx = torch.tensor([[5, 80, 13, 200, 7]])
+    outs = []
+    for glu in ([ff.glu for ff in ffs], [None] * len(ffs)):
+        for ff, g in zip(ffs, glu):
+            ff.glu = g
+        model.setup_caches(1, 32)
+        with torch.no_grad():
+            logits = model(idx, torch.arange(5))[0, -1]
+            step = model(idx[:, -1:], torch.tensor([5]))[0, -1]  # one token: the GEMV path
+        outs.append((logits, step, generate(model, idx, 10, temperature=0.0).tolist()))
+    (l1, s1, t1), (l2, s2, t2) = outs
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+    close(s1, s2, 2e-4)
+    assert t1 == t2
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
 @pytest.mark.parametrize("N, K", [(96, 128), (8, 64), (960, 576), (40, 1536)])
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_int4_kernel_matches_reference(N, K, M):
