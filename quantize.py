@@ -224,9 +224,11 @@ def prepare(model: nn.Module) -> None:
         if isinstance(m, (Int8Linear, Int4Linear)):
             m.prepare()
     for m in model.modules():
-        w1, w3 = getattr(m, "w1", None), getattr(m, "w3", None)
-        if (isinstance(m, FeedForward) and isinstance(w1, Int8Linear) and isinstance(w3, Int8Linear) and
-                w1.kernel == w3.kernel == "cpp" and w1.bias is None and w3.bias is None and
+        if not isinstance(m, FeedForward):
+            continue
+        w1, w3 = m.w1, m.w3
+        if (isinstance(w1, Int8Linear) and isinstance(w3, Int8Linear) and w1.kernel == w3.kernel == "cpp" and
+                w1.bias is None and w3.bias is None and
                 w1.weight.shape == w3.weight.shape and w1.scales.shape == w3.scales.shape):
             m.glu = functools.partial(int8_glu, w1, w3)
 
