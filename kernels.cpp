@@ -11,6 +11,8 @@
 //   int4_linear(x (M, K), w (N, K / 2) uint8, dm (N / 8, 2, G, 8) float16) -> (M, N)
 //       y = x16 @ (q * d + m).T with (d, m) per group (llama.cpp's Q4_1 arithmetic), dm (N / 8, 2, G, 8):
 //       rows in groups of 8, each group's outputs computed together in the 8 lanes of one vector.
+//   bf16_linear(x (M, K) float/bf16, w (N, K) bf16) -> (M, N) in x's dtype: x @ w.T in float32 sums, w as stored
+//   bf16_glu(x, w1, w3) -> silu(x @ w1.T) * (x @ w3.T), in one call
 //
 // Registered as torch.ops.fastllama.*; kernels.py builds this file and holds the PyTorch reference.
 #include <ATen/ATen.h>
@@ -24,6 +26,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -49,6 +52,13 @@ inline __m256 exp8(__m256 x) {
   const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// silu(g) * u = g * sigmoid(g) * u, sigmoid from e = e^-|g| (exp8 wants x <= 0): 1 / (1 + e) for g >= 0, e / (1 + e) below
+inline __m256 silu_mul(__m256 g, __m256 u) {
+  const __m256 e = exp8(_mm256_or_ps(_mm256_set1_ps(-0.f), g));  // e^-|g|
+  const __m256 num = _mm256_blendv_ps(_mm256_set1_ps(1.f), e, g);  // blendv picks e where g's sign bit is set
+  return _mm256_mul_ps(_mm256_mul_ps(g, _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.f), e))), u);
 }
 
 // Activations rounded to int16 per block of 32: x[k] ~= q[k] * d[k / 32], d = max |x| / qmax over the block.
@@ -278,11 +288,7 @@ at::Tensor int8_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
       for (int64_t m = 0; m < M; ++m) {
         int8_rows8(qp + m * K, dp + m * K / 32, K, wp1 + r * 8 * K, sp1 + r * 8 * G, G, a);
         int8_rows8(qp + m * K, dp + m * K / 32, K, wp3 + r * 8 * K, sp3 + r * 8 * G, G, b);
-        // silu(g) = g * sigmoid(g), sigmoid from e = e^-|g| (exp8 wants x <= 0): 1 / (1 + e) for g >= 0, e / (1 + e) below
-        const __m256 g = _mm256_load_ps(a), e = exp8(_mm256_or_ps(_mm256_set1_ps(-0.f), g));  // -|g|
-        const __m256 num = _mm256_blendv_ps(_mm256_set1_ps(1.f), e, g);  // blendv picks e where g's sign bit is set
-        const __m256 sig = _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.f), e));
-        _mm256_storeu_ps(yp + m * N + 8 * r, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_load_ps(b)));
+        _mm256_storeu_ps(yp + m * N + 8 * r, silu_mul(_mm256_load_ps(a), _mm256_load_ps(b)));
       }
   });
   return in_dtype(y, x.scalar_type());
@@ -310,6 +316,106 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     }
   });
   return in_dtype(y, x.scalar_type());
+}
+
+// ---- bf16 weights, as stored --------------------------------------------------------------------------------
+
+// row m of x (M, K) as float32, reordered per block of 16 inputs: the 8 even ones, then the 8 odd ones (see bf16_dot)
+template <typename T>
+void bf16_input(const T* x, int64_t K, float* out) {
+  for (int64_t j = 0; j < K; j += 16)
+    for (int i = 0; i < 8; ++i) out[j + i] = float(x[j + 2 * i]), out[j + 8 + i] = float(x[j + 2 * i + 1]);
+}
+
+// One row's dot product with xs (bf16_input's order). A bf16 value is the high half of a float32: in each 32-bit lane
+// of 16 loaded weights, a shift left by 16 gives the even input's weight and a mask the odd one's, with no shuffles.
+// One row at a time, front to back: a single sequential stream (several rows side by side read ~15% slower).
+inline float bf16_dot(const float* xs, int64_t K, const uint16_t* w) {
+  const __m256i hi = _mm256_set1_epi32(int(0xFFFF0000));
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t j = 0; j < K; j += 32)
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j + 16 * h));
+      a[2 * h] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(xs + j + 16 * h), a[2 * h]);
+      a[2 * h + 1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)), _mm256_loadu_ps(xs + j + 16 * h + 8), a[2 * h + 1]);
+    }
+  return hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+}
+
+// float32 values rounded to the nearest bf16 (ties to even), kept as float32: what a bf16 output would hold
+inline __m256 round_bf16(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xFFFF0000))));
+}
+
+inline void store8(float* y, __m256 v) { _mm256_storeu_ps(y, v); }
+inline void store8(at::BFloat16* y, __m256 v) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, v);
+  for (int i = 0; i < 8; ++i) y[i] = at::BFloat16(t[i]);  // round to nearest even, as Tensor.to(bfloat16)
+}
+
+void check_bf16(const at::Tensor& x, const at::Tensor& w, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1) &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), op, ": x must be (M, K) float32 or bfloat16");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(0) % 8 == 0 && w.size(1) % 32 == 0,
+              op, ": weight must be contiguous bfloat16 (N, K), N % 8 == 0, K % 32 == 0");
+}
+
+// y (M, N) = x @ w.T for one or both of (w1, w3); with w3, y = silu(x @ w1.T) * (x @ w3.T), its two products rounded
+// to bf16 first when y is bf16 (what two bf16 linears would give silu and the multiply).
+template <typename T>
+void bf16_rows(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, T* yp) {
+  const int64_t M = x.size(0), N = w1.size(0), K = w1.size(1);
+  thread_local std::vector<float> xs;  // lives as long as the thread (see QuantizedInput)
+  xs.resize(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    if (x.scalar_type() == at::kFloat)
+      bf16_input(x.data_ptr<float>() + m * K, K, xs.data() + m * K);
+    else
+      bf16_input(x.data_ptr<at::BFloat16>() + m * K, K, xs.data() + m * K);
+  const float* xp = xs.data();
+  const uint16_t* wp1 = reinterpret_cast<const uint16_t*>(w1.data_ptr<at::BFloat16>());
+  const uint16_t* wp3 = w3 ? reinterpret_cast<const uint16_t*>(w3->data_ptr<at::BFloat16>()) : nullptr;
+  parallel_chunks(N / 8, 4, [&](int64_t begin, int64_t end) {
+    alignas(32) float g[8], u[8];
+    for (int64_t r = 8 * begin; r < 8 * end; r += 8)
+      for (int64_t m = 0; m < M; ++m) {
+        for (int i = 0; i < 8; ++i) g[i] = bf16_dot(xp + m * K, K, wp1 + (r + i) * K);
+        if (!wp3) {
+          store8(yp + m * N + r, _mm256_load_ps(g));
+          continue;
+        }
+        for (int i = 0; i < 8; ++i) u[i] = bf16_dot(xp + m * K, K, wp3 + (r + i) * K);
+        __m256 gv = _mm256_load_ps(g), uv = _mm256_load_ps(u);
+        if constexpr (std::is_same_v<T, at::BFloat16>) gv = round_bf16(gv), uv = round_bf16(uv);
+        store8(yp + m * N + r, silu_mul(gv, uv));
+      }
+  });
+}
+
+at::Tensor bf16_call(const at::Tensor& xa, const at::Tensor& w1, const at::Tensor* w3) {
+  const at::Tensor x = xa.is_contiguous() ? xa : xa.contiguous();
+  at::Tensor y = at::empty({x.size(0), w1.size(0)}, x.options());
+  if (x.scalar_type() == at::kFloat)
+    bf16_rows(x, w1, w3, y.data_ptr<float>());
+  else
+    bf16_rows(x, w1, w3, y.data_ptr<at::BFloat16>());
+  return y;
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
+  check_bf16(x, w, "bf16_linear");
+  return bf16_call(x, w, nullptr);
+}
+
+at::Tensor bf16_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3) {
+  check_bf16(x, w1, "bf16_glu");
+  check_bf16(x, w3, "bf16_glu");
+  TORCH_CHECK(w1.sizes() == w3.sizes(), "bf16_glu: w1 and w3 must have the same shapes");
+  return bf16_call(x, w1, &w3);
 }
 
 // ---- attention of one new token over the KV cache --------------------------------------------------------
@@ -451,6 +557,8 @@ TORCH_LIBRARY(fastllama, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int8_glu(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor weight, Tensor dm) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("bf16_glu(Tensor x, Tensor w1, Tensor w3) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
@@ -458,5 +566,7 @@ TORCH_LIBRARY_IMPL(fastllama, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int8_glu", &int8_glu);
   m.impl("int4_linear", &int4_linear);
+  m.impl("bf16_linear", &bf16_linear);
+  m.impl("bf16_glu", &bf16_glu);
   m.impl("decode_attention", &decode_attention);
 }
