@@ -233,7 +233,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.decode_attention = decode_attention  # attention of one new token; kernels.py may swap in its own
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None, input_pos: Tensor) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -242,10 +242,14 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, head_dim)
-        if T == 1:  # decoding: plain math that the compiler fuses beats a flash kernel for one query
+        gqa = self.n_head != self.n_kv_heads
+        if mask is None:  # a prompt at positions 0..T-1 (Transformer.forward): causal over the first T cache positions
+            y = F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=gqa)
+        elif T == 1:  # decoding: plain math that the compiler fuses beats a flash kernel for one query
             y = self.decode_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_heads)
+        else:  # the mask may cover only the first positions of the cache (Transformer.forward)
+            L = mask.size(-1)
+            y = F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, n_head * head_dim)
         return self.wo(y)
 
@@ -271,7 +275,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None, input_pos: Tensor) -> Tensor:
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -322,11 +326,17 @@ class Transformer(nn.Module):
         if key_mask is not None:
             own = torch.arange(self.max_seq_length, device=input_pos.device) == input_pos[:, None]  # (T, S)
             mask = mask & (key_mask[:, None, None, :] | own)  # (B, 1, T, S)
+        T, window = idx.size(1), self.config.sliding_window
+        if T > 1 and not torch.compiler.is_compiling():  # eager prefill: no query sees a key after the last position
+            mask = mask[..., : int(input_pos.max()) + 1]
+            if (mask.size(-1) == T and key_mask is None and (window is None or T <= window)
+                    and torch.equal(input_pos, torch.arange(T, device=input_pos.device))):
+                mask = None  # exactly causal: attention may skip the masked half (Attention.forward)
         freqs_cis = self.freqs_cis[input_pos]  # (T, head_dim / 2, 2)
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:  # layers may sit on several devices (tp.split_layers); .to is free on one
             dev = layer.attention_norm.weight.device
-            x = layer(x.to(dev), freqs_cis.to(dev), mask.to(dev), input_pos.to(dev))
+            x = layer(x.to(dev), freqs_cis.to(dev), None if mask is None else mask.to(dev), input_pos.to(dev))
         if last_only:  # prefill samples from the last position: the output layer need not see the others
             x = x[:, -1:]
         return self.output(self.norm(x.to(self.norm.weight.device)))

@@ -22,6 +22,37 @@ def test_prefill_then_decode_equals_full_forward(tiny_llama):
     torch.testing.assert_close(last, full[:, 7:], rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_from_zero_attends_causally_and_continuations_see_only_filled_positions(tiny_llama, monkeypatch):
+    """Eager prefill at positions 0..T-1 runs causal attention over the first T cache positions (no mask); a
+    continuation at positions P..P+T-1 attends over the first P+T positions with the mask; both give the logits of
+    masked attention (a key mask of all True keeps the mask). Parity with transformers covers the rest."""
+    import model as model_module
+
+    _, folder = tiny_llama
+    model = load_model(folder, "cpu", "fp32")
+    seen, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((is_causal, k.size(2), None if attn_mask is None else attn_mask.size(-1)))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    idx = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    everyone = torch.ones(2, 64, dtype=torch.bool)
+    with torch.no_grad():
+        model.setup_caches(2, 64)
+        causal = model(idx[:, :20], torch.arange(20))
+        cont = model(idx[:, 20:], torch.arange(20, 30))
+        assert seen[0] == (True, 20, None) and seen[-1] == (False, 30, 30)
+        seen.clear()
+        model.setup_caches(2, 64)
+        masked = model(idx[:, :20], torch.arange(20), key_mask=everyone)
+        masked_cont = model(idx[:, 20:], torch.arange(20, 30), key_mask=everyone)
+        assert seen[0] == (False, 20, 20)
+    torch.testing.assert_close(causal, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cont, masked_cont, rtol=1e-5, atol=1e-5)
+
+
 def test_batch_rows_equal_single_runs(tiny_llama):
     _, folder = tiny_llama
     model = load_model(folder, "cpu", "fp32")
