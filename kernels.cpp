@@ -365,17 +365,13 @@ void check_bf16(const at::Tensor& x, const at::Tensor& w, const char* op) {
 }
 
 // y (M, N) = x @ w.T for one or both of (w1, w3); with w3, y = silu(x @ w1.T) * (x @ w3.T), its two products rounded
-// to bf16 first when y is bf16 (what two bf16 linears would give silu and the multiply).
+// to bf16 first when y is bf16 (what two bf16 linears would give silu and the multiply). T: x's and y's dtype.
 template <typename T>
 void bf16_rows(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, T* yp) {
   const int64_t M = x.size(0), N = w1.size(0), K = w1.size(1);
   thread_local std::vector<float> xs;  // lives as long as the thread (see QuantizedInput)
   xs.resize(M * K);
-  for (int64_t m = 0; m < M; ++m)
-    if (x.scalar_type() == at::kFloat)
-      bf16_input(x.data_ptr<float>() + m * K, K, xs.data() + m * K);
-    else
-      bf16_input(x.data_ptr<at::BFloat16>() + m * K, K, xs.data() + m * K);
+  for (int64_t m = 0; m < M; ++m) bf16_input(x.data_ptr<T>() + m * K, K, xs.data() + m * K);
   const float* xp = xs.data();
   const uint16_t* wp1 = reinterpret_cast<const uint16_t*>(w1.data_ptr<at::BFloat16>());
   const uint16_t* wp3 = w3 ? reinterpret_cast<const uint16_t*>(w3->data_ptr<at::BFloat16>()) : nullptr;
