@@ -245,10 +245,10 @@ def load_model(checkpoint_path, device="cpu", precision: str = "bf16", transform
             tie_quantized(model)
         else:
             model.output.weight = model.tok_embeddings.weight
-    if not quantized and model.norm.weight.device.type == "cpu" and precision in ("bf16", "fp16"):
-        from kernels import use_half_linear
+    if not quantized and model.norm.weight.device.type == "cpu":
+        from kernels import use_cpu_linear
 
-        use_half_linear(model)  # bf16 prefill GEMMs in float32 on CPUs without bf16 arithmetic
+        use_cpu_linear(model)  # decode GEMVs by the C++ kernel; bf16 prefill GEMMs in float32 without bf16 arithmetic
     if transform is not None:  # after the swap above, so that hooks it adds (tp's all-reduces) stay in use
         transform(model)
     if quantized:

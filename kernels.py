@@ -1,12 +1,14 @@
-"""CPU fast paths: the C++ kernels of kernels.cpp (int8 / int4 linear, one-token attention) and their PyTorch reference;
+"""CPU fast paths: the C++ kernels of kernels.cpp (int8 / int4 / float32 / bf16 linear, one-token attention) and their
+PyTorch reference;
 weights in huge pages (weights_in_huge_pages).
 
 kernels.cpp is compiled once per source version with torch.utils.cpp_extension (cached under
 ~/.cache/torch_extensions) the first time a model is loaded on an AVX2 CPU; the ops it
-registers, torch.ops.fastllama.int8_linear / int8_glu / int4_linear / decode_attention, are opaque to torch.compile (fake
+registers, torch.ops.fastllama.int8_linear / int8_glu / int4_linear / dense_linear / dense_glu / decode_attention, are opaque to torch.compile (fake
 implementations below give their shapes). Everywhere else (no AVX2, no compiler,
 FASTLLAMA_KERNELS=0, large batches) the same math runs as plain PyTorch: dequantize, then F.linear.
-float_linear / HalfLinear: bf16 / fp16 prefill GEMMs in float32 on CPUs without half-precision arithmetic.
+CpuLinear: float32 / bf16 decode GEMVs by dense_linear; float_linear: bf16 / fp16 prefill GEMMs in float32 on CPUs
+without half-precision arithmetic.
 
 Weight layouts (the kernels' own; quantize.py converts its device-independent checkpoints to them):
   int8: w (N, K) int8, rows interleaved by 8 (int8_to_kernel), scales (N // 8, G, 8) float32:
@@ -52,8 +54,8 @@ def cpu_kernels() -> bool:
     torch.library.register_fake("fastllama::int8_linear")(_fake_linear)
     torch.library.register_fake("fastllama::int4_linear")(_fake_linear)
     torch.library.register_fake("fastllama::int8_glu")(lambda x, w1, s1, w3, s3: x.new_empty(x.size(0), w1.size(0)))
-    torch.library.register_fake("fastllama::bf16_linear")(lambda x, w: x.new_empty(x.size(0), w.size(0)))
-    torch.library.register_fake("fastllama::bf16_glu")(lambda x, w1, w3: x.new_empty(x.size(0), w1.size(0)))
+    torch.library.register_fake("fastllama::dense_linear")(lambda x, w: x.new_empty(x.size(0), w.size(0)))
+    torch.library.register_fake("fastllama::dense_glu")(lambda x, w1, w3: x.new_empty(x.size(0), w1.size(0)))
     torch.library.register_fake("fastllama::decode_attention")(lambda q, k, v, mask: torch.empty_like(q))
     return True
 
@@ -180,53 +182,54 @@ def float_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, w.to(x.dtype), bias)
 
 
-def bf16_gemv(x: Tensor, w: Tensor) -> bool:
-    """True when kernels.cpp's bf16_linear can compute x @ w.T: CPU, bf16 x and w, at most GEMV_MAX_ROWS rows
-    (decode), w (N, K) contiguous with N % 8 == 0 and K % 32 == 0."""
-    return (x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= GEMV_MAX_ROWS * x.size(-1)
-            and w.dim() == 2 and w.size(0) % 8 == 0 and w.size(1) % 32 == 0 and w.is_contiguous())
+def dense_gemv(x: Tensor, w: Tensor) -> bool:
+    """True when kernels.cpp's dense_linear can compute x @ w.T: CPU, float32 or bf16 x and w of one dtype, at most
+    GEMV_MAX_ROWS rows (decode), w (N, K) contiguous with N % 8 == 0 and K % 32 == 0."""
+    return (x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and x.numel() <= GEMV_MAX_ROWS * x.size(-1) and w.dim() == 2 and w.size(0) % 8 == 0 and w.size(1) % 32 == 0
+            and w.is_contiguous())
 
 
-class HalfLinear(nn.Linear):
-    """nn.Linear computed by float_linear, or for bf16 decode rows by kernels.cpp's bf16_linear when kernel is set
-    (use_half_linear, once the kernels are built). The kernel reads the weight as stored (so a tied embedding table
-    and the prefill GEMM share it), one row at a time: the 151 GEMVs of a default-model step ~15% faster than
-    inductor's C++ GEMM template on the same frozen weights (see README)."""
+class CpuLinear(nn.Linear):
+    """nn.Linear computed by float_linear, or for float32 / bf16 decode rows by kernels.cpp's dense_linear when kernel
+    is set (use_cpu_linear, once the kernels are built). The kernel reads the weight as stored (so a tied embedding
+    table and the prefill GEMM share it), four far-apart rows side by side: the 151 GEMVs of a default-model step
+    ~10% faster than inductor's C++ GEMM template on the same frozen weights, bf16 and float32 (see README)."""
 
     kernel = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel and bf16_gemv(x, self.weight):
-            y = torch.ops.fastllama.bf16_linear(x.reshape(-1, self.in_features), self.weight)
+        if self.kernel and dense_gemv(x, self.weight):
+            y = torch.ops.fastllama.dense_linear(x.reshape(-1, self.in_features), self.weight)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return float_linear(x, self.weight, self.bias)
 
 
-def half_glu(w1: HalfLinear, w3: HalfLinear, x: Tensor) -> Tensor:
-    """FeedForward.glu for two bias-free HalfLinears: silu(w1(x)) * w3(x), by one bf16_glu call where bf16_linear
+def cpu_glu(w1: CpuLinear, w3: CpuLinear, x: Tensor) -> Tensor:
+    """FeedForward.glu for two bias-free CpuLinears: silu(w1(x)) * w3(x), by one dense_glu call where dense_linear
     would run (30 fewer calls and pointwise kernels per step on the default model)."""
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (w1, w3))  # then w1(x) and w3(x) must run
-    if (w1.kernel and not hooked and bf16_gemv(x, w1.weight) and bf16_gemv(x, w3.weight)
+    if (w1.kernel and not hooked and dense_gemv(x, w1.weight) and dense_gemv(x, w3.weight)
             and w3.weight.shape == w1.weight.shape):
-        y = torch.ops.fastllama.bf16_glu(x.reshape(-1, w1.in_features), w1.weight, w3.weight)
+        y = torch.ops.fastllama.dense_glu(x.reshape(-1, w1.in_features), w1.weight, w3.weight)
         return y.view(*x.shape[:-1], w1.out_features)
     return F.silu(w1(x)) * w3(x)
 
 
-def use_half_linear(transformer: nn.Module) -> None:
-    """Make every nn.Linear of transformer a HalfLinear with the same (possibly tied) parameters, and a gated
-    feed-forward's w1 and w3 one half_glu call."""
+def use_cpu_linear(transformer: nn.Module) -> None:
+    """Make every nn.Linear of a float CPU transformer a CpuLinear with the same (possibly tied) parameters, and a
+    gated feed-forward's w1 and w3 one cpu_glu call."""
     for parent in list(transformer.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                new = HalfLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                new = CpuLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                 new.weight, new.bias = child.weight, child.bias
                 new.kernel = cpu_kernels()
                 setattr(parent, name, new)
     for m in transformer.modules():
         if isinstance(m, model.FeedForward) and cpu_kernels() and m.w1.bias is None and m.w3.bias is None:
-            m.glu = functools.partial(half_glu, m.w1, m.w3)
+            m.glu = functools.partial(cpu_glu, m.w1, m.w3)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:

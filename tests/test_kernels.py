@@ -1,4 +1,4 @@
-"""The C++ int8 / int4 / bf16 kernels (kernels.cpp) against the straightforward PyTorch computation."""
+"""The C++ int8 / int4 / float32 / bf16 kernels (kernels.cpp) against the straightforward PyTorch computation."""
 import functools
 
 import pytest
@@ -179,12 +179,12 @@ def test_half_prefill_in_float32_matches_half_linear(dtype, monkeypatch):
 
 
 def test_half_model_prefill_matches_plain_half_model(tiny_llama, monkeypatch):
-    """load_model swaps bf16 Linears for HalfLinear (tied weights stay shared); its logits are as close to the
+    """load_model swaps bf16 Linears for CpuLinear (tied weights stay shared); its logits are as close to the
     float32 model's as the plain bf16 computation's are."""
     _, folder = tiny_llama
     model = load_model(folder, "cpu", "bf16")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(type(m) is kernels.HalfLinear for m in linears)
+    assert linears and all(type(m) is kernels.CpuLinear for m in linears)
     if model.config.tie_embeddings:
         assert model.output.weight is model.tok_embeddings.weight
     idx = torch.randint(0, model.config.vocab_size, (2, 40))
@@ -212,68 +212,76 @@ def test_half_model_prefill_matches_plain_half_model(tiny_llama, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
-@pytest.mark.parametrize("N, K", [(96, 128), (8, 64), (960, 576), (40, 1536)])
+@pytest.mark.parametrize("N, K", [(96, 128), (8, 64), (56, 64), (960, 576), (40, 1536)])
 @pytest.mark.parametrize("M", [1, 3, 16])
-def test_bf16_kernels_match_reference(N, K, M):
-    """bf16_linear = x @ w.T and bf16_glu = silu(x @ w1.T) * (x @ w3.T) on bf16 weights as stored: float32 x to
-    float32 rounding, bf16 x to the bf16 rounding of the same products (what two bf16 linears and silu give)."""
+def test_dense_kernels_match_reference(N, K, M):
+    """dense_linear = x @ w.T and dense_glu = silu(x @ w1.T) * (x @ w3.T) on float32 and bf16 weights as stored:
+    float32 x to float32 rounding, bf16 x to the bf16 rounding of the same products (what two bf16 linears and silu
+    give). N = 8, 56, 40: fewer than 4 groups of 8 rows, or groups left over after the far-apart fours."""
     assert kernels.cpu_kernels()
     torch.manual_seed(N + K + M)
-    w1, w3 = ((torch.randn(N, K) * 3 / K**0.5).bfloat16() for _ in range(2))
     x = torch.randn(M, K)
-    gate, up = x.double() @ w1.double().T, x.double() @ w3.double().T
-    assert (gate < -0.5).any() and (gate > 0.5).any()  # both branches of the kernel's sigmoid
-    for dtype in (torch.float32, torch.bfloat16):
-        xd = x.to(dtype)
-        y = torch.ops.fastllama.bf16_linear(xd, w1)
-        g = torch.ops.fastllama.bf16_glu(xd, w1, w3)
-        assert y.shape == g.shape == (M, N) and y.dtype == g.dtype == dtype
-        if dtype == torch.float32:
-            torch.testing.assert_close(y.double(), gate, rtol=0, atol=1e-6 * gate.abs().max().item())
-            ref = F.silu(gate) * up
-            torch.testing.assert_close(g.double(), ref, rtol=0, atol=1e-6 * ref.abs().max().item())
-        else:
-            xb = xd.double()
-            gb, ub = (xb @ w.double().T for w in (w1, w3))
-            torch.testing.assert_close(y, gb.bfloat16(), rtol=8e-3, atol=0)  # at most one bf16 rounding step apart
-            ref = F.silu(gb.bfloat16().float()) * ub.bfloat16().float()
-            torch.testing.assert_close(g.float(), ref, rtol=8e-3, atol=1e-3 * ref.abs().max().item())
-    xt = torch.randn(K, M).T  # a strided x gives the same as its contiguous copy
-    assert torch.equal(torch.ops.fastllama.bf16_linear(xt, w1), torch.ops.fastllama.bf16_linear(xt.contiguous(), w1))
-    with pytest.raises(RuntimeError, match="bf16_linear: weight"):
-        torch.ops.fastllama.bf16_linear(x, w1.float())
+    for wdtype in (torch.float32, torch.bfloat16):
+        w1, w3 = ((torch.randn(N, K) * 3 / K**0.5).to(wdtype) for _ in range(2))
+        gate, up = x.double() @ w1.double().T, x.double() @ w3.double().T
+        assert (gate < -0.5).any() and (gate > 0.5).any()  # both branches of the kernel's sigmoid
+        for dtype in (torch.float32, torch.bfloat16) if wdtype == torch.bfloat16 else (torch.float32,):
+            xd = x.to(dtype)
+            y = torch.ops.fastllama.dense_linear(xd, w1)
+            g = torch.ops.fastllama.dense_glu(xd, w1, w3)
+            assert y.shape == g.shape == (M, N) and y.dtype == g.dtype == dtype
+            if dtype == torch.float32:
+                torch.testing.assert_close(y.double(), gate, rtol=0, atol=1e-6 * gate.abs().max().item())
+                ref = F.silu(gate) * up
+                torch.testing.assert_close(g.double(), ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+            else:
+                xb = xd.double()
+                gb, ub = (xb @ w.double().T for w in (w1, w3))
+                torch.testing.assert_close(y, gb.bfloat16(), rtol=8e-3, atol=0)  # at most one bf16 rounding step apart
+                ref = F.silu(gb.bfloat16().float()) * ub.bfloat16().float()
+                torch.testing.assert_close(g.float(), ref, rtol=8e-3, atol=1e-3 * ref.abs().max().item())
+        xt = torch.randn(K, M).T  # a strided x gives the same as its contiguous copy
+        assert torch.equal(torch.ops.fastllama.dense_linear(xt, w1), torch.ops.fastllama.dense_linear(xt.contiguous(), w1))
+    with pytest.raises(RuntimeError, match="dense_linear: weight"):
+        torch.ops.fastllama.dense_linear(x, w1.half())
+    with pytest.raises(RuntimeError, match="dense_linear: x must be"):
+        torch.ops.fastllama.dense_linear(x.bfloat16(), w1.float())
+    with pytest.raises(RuntimeError, match="dense_glu: w1 and w3"):
+        torch.ops.fastllama.dense_glu(x, w1, w3.float())
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
-def test_bf16_model_decodes_with_the_kernels_as_with_pytorch(tiny_llama, reset_dynamo):
-    """A bf16 model's decode rows run bf16_linear / bf16_glu (prefill rows do not); logits and greedy tokens match
-    the same model with every HalfLinear on F.linear and w1, silu, w3 called one by one, eager and compiled."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_float_model_decodes_with_the_kernels_as_with_pytorch(tiny_llama, reset_dynamo, precision):
+    """A float32 / bf16 model's decode rows run dense_linear / dense_glu (prefill rows do not); logits and greedy
+    tokens match the same model with every CpuLinear on F.linear and w1, silu, w3 called one by one, eager and
+    compiled."""
     _, folder = tiny_llama
-    model = load_model(folder, "cpu", "bf16")
-    halves = [m for m in model.modules() if isinstance(m, kernels.HalfLinear)]
+    model = load_model(folder, "cpu", precision)
+    linears = [m for m in model.modules() if isinstance(m, kernels.CpuLinear)]
     ffs = [b.feed_forward for b in model.layers]
-    assert halves and all(m.kernel for m in halves) and all(ff.glu is not None for ff in ffs)
+    assert linears and all(m.kernel for m in linears) and all(ff.glu is not None for ff in ffs)
     idx = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))  # > 16 rows
     calls = []
     outs = []
     for on in (True, False):
-        for m in halves:
+        for m in linears:
             m.kernel = on
         for ff in ffs:
-            ff.glu = functools.partial(kernels.half_glu, ff.w1, ff.w3) if on else None
+            ff.glu = functools.partial(kernels.cpu_glu, ff.w1, ff.w3) if on else None
         model.setup_caches(1, 32)
         with torch.no_grad(), torch.profiler.profile() as prof:
             prefill = model(idx, torch.arange(20))[0, -1].float()
             step = model(idx[:, -1:], torch.tensor([20]))[0, -1].float()  # one row: the kernels
-        calls.append({e.key for e in prof.key_averages() if e.key.startswith("fastllama::bf16")})
+        calls.append({e.key for e in prof.key_averages() if e.key.startswith("fastllama::dense")})
         tokens = generate(model, idx, 10, temperature=0.0).tolist()
         model.setup_caches(1, 32)
         compiled = generate(model, idx, 10, temperature=0.0, decode_step=compile_step(decode_one_token, torch.device("cpu")))
         outs.append((prefill, step, tokens, compiled.tolist()))
-    assert calls == [{"fastllama::bf16_linear", "fastllama::bf16_glu"}, set()]
+    assert calls == [{"fastllama::dense_linear", "fastllama::dense_glu"}, set()]
     (p1, s1, t1, c1), (p2, s2, t2, c2) = outs
-    assert torch.equal(p1, p2)  # prefill: the same float32 GEMMs either way
-    close(s1, s2, 1e-2)  # bf16 outputs a rounding step apart at most
+    assert torch.equal(p1, p2)  # prefill: the same GEMMs either way
+    close(s1, s2, 1e-2 if precision == "bf16" else 1e-5)  # bf16 outputs a rounding step apart at most
     assert t1 == t2 == c1 == c2
 
 
