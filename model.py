@@ -260,10 +260,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
-        self.glu = None  # x -> silu(w1(x)) * w3(x) in one call; quantize.py may set one for its kernels
+        self.glu = None  # x -> silu(w1(x)) * w3(x) in one call; kernels.py / quantize.py may set one for their kernels
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.glu(x) if self.glu is not None else F.silu(self.w1(x)) * self.w3(x)
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.w1, self.w3))  # then w1 and w3 must run
+        h = self.glu(x) if self.glu is not None and not hooked else F.silu(self.w1(x)) * self.w3(x)
         return self.w2(h)
 
 

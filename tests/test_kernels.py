@@ -286,6 +286,37 @@ def test_float_model_decodes_with_the_kernels_as_with_pytorch(tiny_llama, reset_
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_fused_glu_steps_aside_for_hooks_on_w1_and_w3(tiny_llama, precision):
+    """A forward hook on w1 or w3 (a transform's, a user's) runs, and sees what it changes used, although the
+    feed-forward has a fused glu (int8_glu / dense_glu) that would skip those modules."""
+    _, folder = tiny_llama
+    if precision == "int8":
+        model, kind = load_model(qz.main(checkpoint_path=folder / "model.pth", mode="int8"), "cpu", "fp32"), "int8_glu"
+    else:
+        model, kind = load_model(folder, "cpu", "bf16"), "dense_glu"
+    ff = model.layers[0].feed_forward
+    assert ff.glu is not None
+    idx = torch.tensor([[3]])
+
+    def run():
+        model.setup_caches(1, 4)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            out = model(idx, torch.tensor([0]))
+        return out, sum(e.count for e in prof.key_averages() if e.key == f"fastllama::{kind}")
+
+    fused, n_fused = run()
+    seen = []
+    handle = ff.w3.register_forward_hook(lambda mod, args, out: seen.append(1) or out * 0)  # w3(x) -> 0
+    hooked, n_hooked = run()
+    handle.remove()
+    assert seen == [1] and n_hooked == n_fused - 1  # layer 0 ran w1 and w3 itself; the other layers stayed fused
+    assert not torch.equal(hooked, fused)  # the zeroed up projection changed the output
+    again, n_again = run()  # hook removed: fused again, same output
+    assert torch.equal(again, fused) and n_again == n_fused
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B, H, KV, S, D", [(1, 9, 3, 40, 64), (3, 4, 4, 33, 128), (2, 14, 2, 17, 96), (2, 2, 1, 9, 40),
                                             (1, 9, 3, 300, 64), (3, 6, 2, 200, 64)])
