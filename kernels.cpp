@@ -348,8 +348,9 @@ struct BFloat16Weights {
 };
 
 // The dot products of S weight rows with x, read side by side. The rows come from S places far apart in the
-// matrix: S long sequential streams per thread, which the hardware prefetcher follows at once. The 151 GEMVs of a
-// float32 step take ~25% less time so than one row at a time (one stream), which inductor's GEMM template matches.
+// matrix: S long sequential streams per thread, which the hardware prefetcher follows at once. The 151 float32 GEMVs
+// of a step: 16-28% less time than one row at a time (one stream) in a C++ loop, 10-12% less than inductor's GEMM
+// template (also one stream per thread) in a compiled step.
 template <typename W, int S>
 inline void dots(const float* x, int64_t K, const typename W::T* const* w, float* out) {
   __m256 a[S][2];

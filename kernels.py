@@ -1,11 +1,10 @@
 """CPU fast paths: the C++ kernels of kernels.cpp (int8 / int4 / float32 / bf16 linear, one-token attention) and their
-PyTorch reference;
-weights in huge pages (weights_in_huge_pages).
+PyTorch reference; weights in huge pages (weights_in_huge_pages).
 
 kernels.cpp is compiled once per source version with torch.utils.cpp_extension (cached under
-~/.cache/torch_extensions) the first time a model is loaded on an AVX2 CPU; the ops it
-registers, torch.ops.fastllama.int8_linear / int8_glu / int4_linear / dense_linear / dense_glu / decode_attention, are opaque to torch.compile (fake
-implementations below give their shapes). Everywhere else (no AVX2, no compiler,
+~/.cache/torch_extensions) the first time a model is loaded on an AVX2 CPU; the ops it registers,
+torch.ops.fastllama.int8_linear / int8_glu / int4_linear / dense_linear / dense_glu / decode_attention, are opaque
+to torch.compile (fake implementations below give their shapes). Everywhere else (no AVX2, no compiler,
 FASTLLAMA_KERNELS=0, large batches) the same math runs as plain PyTorch: dequantize, then F.linear.
 CpuLinear: float32 / bf16 decode GEMVs by dense_linear; float_linear: bf16 / fp16 prefill GEMMs in float32 on CPUs
 without half-precision arithmetic.

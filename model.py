@@ -263,8 +263,8 @@ class FeedForward(nn.Module):
         self.glu = None  # x -> silu(w1(x)) * w3(x) in one call; kernels.py / quantize.py may set one for their kernels
 
     def forward(self, x: Tensor) -> Tensor:
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.w1, self.w3))  # then w1 and w3 must run
-        h = self.glu(x) if self.glu is not None and not hooked else F.silu(self.w1(x)) * self.w3(x)
+        fused = self.glu is not None and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.w1, self.w3))
+        h = self.glu(x) if fused else F.silu(self.w1(x)) * self.w3(x)  # a hooked w1 or w3 must run itself
         return self.w2(h)
 
 
