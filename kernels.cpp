@@ -12,7 +12,7 @@
 //       y = x16 @ (q * d + m).T with (d, m) per group (llama.cpp's Q4_1 arithmetic), dm (N / 8, 2, G, 8):
 //       rows in groups of 8, each group's outputs computed together in the 8 lanes of one vector.
 //   dense_linear(x (M, K), w (N, K) float32 or bf16, as stored) -> (M, N) in x's dtype: x @ w.T in float32 sums;
-//       x float32, or bf16 with a bf16 w
+//       x float32, or bf16 with a bf16 w. M <= 16: GEMVs (dense_rows); more rows: a GEMM on packed panels (dense_gemm)
 //   dense_glu(x, w1, w3) -> silu(x @ w1.T) * (x @ w3.T), in one call
 //
 // Registered as torch.ops.fastllama.*; kernels.py builds this file and holds the PyTorch reference.
@@ -325,6 +325,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 struct Float32Weights {
   using T = float;
   static void prepare(const float* x, int64_t K, float* out) { std::copy(x, x + K, out); }
+  static __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
   static void fma16(const float* w, const float* x, __m256& a, __m256& b) {
     a = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(x), a);
     b = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_loadu_ps(x + 8), b);
@@ -338,6 +339,10 @@ struct BFloat16Weights {
   static void prepare(const X* x, int64_t K, float* out) {
     for (int64_t j = 0; j < K; j += 16)
       for (int i = 0; i < 8; ++i) out[j + i] = float(x[j + 2 * i]), out[j + 8 + i] = float(x[j + 2 * i + 1]);
+  }
+  static __m256 load8(const uint16_t* w) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
   }
   static void fma16(const uint16_t* w, const float* x, __m256& a, __m256& b) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
@@ -360,19 +365,28 @@ inline void dots(const float* x, int64_t K, const typename W::T* const* w, float
   for (int s = 0; s < S; ++s) out[s] = hsum(_mm256_add_ps(a[s][0], a[s][1]));
 }
 
-// float32 values rounded to the nearest bf16 (ties to even), kept as float32: what a bf16 output would hold
+// float32 values rounded to the nearest bf16 (ties to even), kept as float32: what a bf16 output would hold. NaN gives
+// the quiet NaN 0x7FC0, as Tensor.to(bfloat16) does (the integer rounding could turn a NaN into inf).
 inline __m256 round_bf16(__m256 v) {
   const __m256i b = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
   const __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xFFFF0000))));
+  const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xFFFF0000))));
+  return _mm256_blendv_ps(rounded, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
 inline void store8(float* y, __m256 v) { _mm256_storeu_ps(y, v); }
-inline void store8(at::BFloat16* y, __m256 v) {
-  alignas(32) float t[8];
-  _mm256_store_ps(t, v);
-  for (int i = 0; i < 8; ++i) y[i] = at::BFloat16(t[i]);  // round to nearest even, as Tensor.to(bfloat16)
+inline void store8(at::BFloat16* y, __m256 v) {  // the high halves of round_bf16's floats
+  const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(round_bf16(v)), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
+// silu(g) * u for the products g = x @ w1.T, u = x @ w3.T; for a bf16 output both are rounded to bf16 first, as two
+// bf16 linears would give them to silu and the multiply
+template <typename T>
+inline __m256 glu8(__m256 g, __m256 u) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) g = round_bf16(g), u = round_bf16(u);
+  return silu_mul(g, u);
 }
 
 void check_dense(const at::Tensor& x, const at::Tensor& w, const char* op) {
@@ -384,9 +398,8 @@ void check_dense(const at::Tensor& x, const at::Tensor& w, const char* op) {
               op, ": x must be (M, K) float32, or bfloat16 with a bfloat16 weight");
 }
 
-// y (M, N) = x @ w.T for one or both of (w1, w3); with w3, y = silu(x @ w1.T) * (x @ w3.T), its two products rounded
-// to bf16 first when y is bf16 (what two bf16 linears would give silu and the multiply). T: x's and y's dtype.
-// Work items: groups of 8 rows g, g + q, g + 2 q, g + 3 q (q = groups / 4), read side by side (dots); then the
+// Decode rows (M <= 16): y (M, N) = x @ w.T for one or both of (w1, w3); with w3, y = glu8(x @ w1.T, x @ w3.T).
+// T: x's and y's dtype. Work items: groups of 8 rows g, g + q, g + 2 q, g + 3 q (q = groups / 4), read side by side (dots); then the
 // groups left over, one at a time.
 template <typename W, typename T>
 void dense_rows(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, T* yp) {
@@ -418,28 +431,134 @@ void dense_rows(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3,
         products(wp1, xp + m * K, n, g);
         if (wp3) products(wp3, xp + m * K, n, u);
         for (int s = 0; s < n; ++s) {
-          __m256 gv = _mm256_load_ps(g[s]);
-          if (wp3) {
-            __m256 uv = _mm256_load_ps(u[s]);
-            if constexpr (std::is_same_v<T, at::BFloat16>) gv = round_bf16(gv), uv = round_bf16(uv);
-            gv = silu_mul(gv, uv);
-          }
-          store8(yp + m * N + row[s], gv);
+          const __m256 gv = _mm256_load_ps(g[s]);
+          store8(yp + m * N + row[s], wp3 ? glu8<T>(gv, _mm256_load_ps(u[s])) : gv);
         }
       }
     }
   });
 }
 
+// ---- the same for many rows (prefill): a GEMM on packed weight panels ----
+
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20), r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20), r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31), r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31), r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// A panel: `rows` (<= 16) rows of w as float32, transposed to p[k][16] (rows past `rows` zero), so that tile() loads
+// each input's 16 weights with two aligned loads. Made per 8 x 8 block: 8 loads of 8 inputs, one transpose.
+template <typename W>
+void pack16(const typename W::T* w, int64_t K, int64_t rows, float* p) {
+  for (int64_t k = 0; k < K; k += 8)
+    for (int h = 0; h < 2; ++h) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = h * 8 + i < rows ? W::load8(w + (h * 8 + i) * K + k) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(p + (k + i) * 16 + h * 8, r[i]);
+    }
+}
+
+// R rows of y, `cols` (16 or 8) columns: x's R rows times G panels (G = 1: y = x @ w.T; G = 2: w1's and w3's panels,
+// y = glu8). R * G = 6: 12 accumulators, and per input 2 G panel loads and R broadcasts of x for 4 R G FMAs.
+template <int R, int G, typename T>
+inline void tile(const float* x, int64_t K, const float* p, T* y, int64_t N, int64_t cols) {
+  __m256 a[R][G][2];  // registers, if every loop over its indices is unrolled (GCC -O3 leaves some loops for later)
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int g = 0; g < G; ++g) a[r][g][0] = a[r][g][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 b[G][2];
+    #pragma GCC unroll 16
+    for (int g = 0; g < G; ++g) b[g][0] = _mm256_load_ps(p + g * K * 16 + k * 16), b[g][1] = _mm256_load_ps(p + g * K * 16 + k * 16 + 8);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m256 v = _mm256_broadcast_ss(x + r * K + k);
+      #pragma GCC unroll 16
+      for (int g = 0; g < G; ++g)
+        a[r][g][0] = _mm256_fmadd_ps(v, b[g][0], a[r][g][0]), a[r][g][1] = _mm256_fmadd_ps(v, b[g][1], a[r][g][1]);
+    }
+  }
+  alignas(32) float t[R][16];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(t[r], G == 1 ? a[r][0][0] : glu8<T>(a[r][0][0], a[r][G - 1][0]));
+    _mm256_store_ps(t[r] + 8, G == 1 ? a[r][0][1] : glu8<T>(a[r][0][1], a[r][G - 1][1]));
+  }
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int h = 0; h < cols / 8; ++h) store8(y + r * N + 8 * h, _mm256_load_ps(t[r] + 8 * h));
+}
+
+// `rows` rows of y against the panels: R at a time, then the rest by a smaller tile
+template <int R, int G, typename T>
+void tiles(const float* x, int64_t K, int64_t rows, const float* p, T* y, int64_t N, int64_t cols) {
+  if constexpr (R > 0) {
+    int64_t m = 0;
+    for (; m + R <= rows; m += R) tile<R, G>(x + m * K, K, p, y + m * N, N, cols);
+    if (m < rows) tiles<R - 1, G>(x + m * K, K, rows - m, p, y + m * N, N, cols);
+  }
+}
+
+// y (M, N) = x @ w1.T, or glu8(x @ w1.T, x @ w3.T), for float32 x (M, K). Work items: a block of at most 384 rows of x
+// (384 x K floats stay in L3) times one panel of 16 rows of each weight (K x 16 floats, in L2). Packing widens each
+// weight once per block, against 2 x 16 x (block rows) FLOPs per weight. Measured on the default model's shapes at
+// 256 rows: ~15-20% less time than MKL's float32 GEMM on weights widened beforehand (torch.mm).
+template <typename W, typename T>
+void dense_gemm(const float* x, int64_t M, const at::Tensor& w1, const at::Tensor* w3, T* y) {
+  using WT = typename W::T;
+  const int64_t N = w1.size(0), K = w1.size(1), panels = (N + 15) / 16, blocks = (M + 383) / 384;
+  const int64_t mc = (M + blocks - 1) / blocks;
+  const WT* wp1 = reinterpret_cast<const WT*>(w1.data_ptr());
+  const WT* wp3 = w3 ? reinterpret_cast<const WT*>(w3->data_ptr()) : nullptr;
+  parallel_chunks(blocks * panels, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> buf;  // the panels; lives as long as the thread
+    buf.resize((wp3 ? 2 : 1) * K * 16 + 16);
+    float* p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t m0 = it / panels * mc, rows = std::min(mc, M - m0), j = it % panels * 16;
+      const int64_t cols = std::min<int64_t>(16, N - j);
+      pack16<W>(wp1 + j * K, K, cols, p);
+      if (wp3) {
+        pack16<W>(wp3 + j * K, K, cols, p + K * 16);
+        tiles<3, 2>(x + m0 * K, K, rows, p, y + m0 * N + j, N, cols);
+      } else {
+        tiles<6, 1>(x + m0 * K, K, rows, p, y + m0 * N + j, N, cols);
+      }
+    }
+  });
+}
+
+constexpr int64_t kGemvMaxRows = 16;  // kernels.GEMV_MAX_ROWS: more rows than this are a prefill
+
+template <typename W, typename T>
+void dense(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, T* y) {
+  if (x.size(0) <= kGemvMaxRows) return dense_rows<W>(x, w1, w3, y);
+  const at::Tensor xf = as_float(x);
+  dense_gemm<W>(xf.data_ptr<float>(), x.size(0), w1, w3, y);
+}
+
 at::Tensor dense_call(const at::Tensor& xa, const at::Tensor& w1, const at::Tensor* w3) {
   const at::Tensor x = xa.is_contiguous() ? xa : xa.contiguous();
   at::Tensor y = at::empty({x.size(0), w1.size(0)}, x.options());
   if (w1.scalar_type() == at::kFloat)
-    dense_rows<Float32Weights>(x, w1, w3, y.data_ptr<float>());
+    dense<Float32Weights>(x, w1, w3, y.data_ptr<float>());
   else if (x.scalar_type() == at::kFloat)
-    dense_rows<BFloat16Weights>(x, w1, w3, y.data_ptr<float>());
+    dense<BFloat16Weights>(x, w1, w3, y.data_ptr<float>());
   else
-    dense_rows<BFloat16Weights>(x, w1, w3, y.data_ptr<at::BFloat16>());
+    dense<BFloat16Weights>(x, w1, w3, y.data_ptr<at::BFloat16>());
   return y;
 }
 

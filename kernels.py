@@ -6,8 +6,8 @@ kernels.cpp is compiled once per source version with torch.utils.cpp_extension (
 torch.ops.fastllama.int8_linear / int8_glu / int4_linear / dense_linear / dense_glu / decode_attention, are opaque
 to torch.compile (fake implementations below give their shapes). Everywhere else (no AVX2, no compiler,
 FASTLLAMA_KERNELS=0, large batches) the same math runs as plain PyTorch: dequantize, then F.linear.
-CpuLinear: float32 / bf16 decode GEMVs by dense_linear; float_linear: bf16 / fp16 prefill GEMMs in float32 on CPUs
-without half-precision arithmetic.
+CpuLinear: float32 / bf16 linears by dense_linear (decode GEMVs; prefill GEMMs on AVX2 CPUs); float_linear: bf16 /
+fp16 prefill GEMMs in float32 elsewhere on CPUs without half-precision arithmetic.
 
 Weight layouts (the kernels' own; quantize.py converts its device-independent checkpoints to them):
   int8: w (N, K) int8, rows interleaved by 8 (int8_to_kernel), scales (N // 8, G, 8) float32:
@@ -181,24 +181,32 @@ def float_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, w.to(x.dtype), bias)
 
 
-def dense_gemv(x: Tensor, w: Tensor) -> bool:
-    """True when kernels.cpp's dense_linear can compute x @ w.T: CPU, float32 or bf16 x and w of one dtype, at most
-    GEMV_MAX_ROWS rows (decode), w (N, K) contiguous with N % 8 == 0 and K % 32 == 0."""
+def dense_gemm_here() -> bool:
+    """True when dense_linear / dense_glu also take many rows (prefill) on this CPU: its widest vectors are AVX2's and it
+    has no half-precision arithmetic. There their GEMM beats MKL's float32 one and needs no widened copy of a bf16
+    weight (README); with AVX-512, MKL's vectors are twice as wide."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2" and not cpu_has_half_arithmetic()
+
+
+def dense_ok(x: Tensor, w: Tensor) -> bool:
+    """True when kernels.cpp's dense_linear should compute x @ w.T: CPU, float32 or bf16 x and w of one dtype, w (N, K)
+    contiguous with N % 8 == 0 and K % 32 == 0; at most GEMV_MAX_ROWS rows (decode), or dense_gemm_here()."""
     return (x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
-            and x.numel() <= GEMV_MAX_ROWS * x.size(-1) and w.dim() == 2 and w.size(0) % 8 == 0 and w.size(1) % 32 == 0
-            and w.is_contiguous())
+            and w.dim() == 2 and w.size(0) % 8 == 0 and w.size(1) % 32 == 0 and w.is_contiguous()
+            and (x.numel() <= GEMV_MAX_ROWS * x.size(-1) or dense_gemm_here()))
 
 
 class CpuLinear(nn.Linear):
-    """nn.Linear computed by float_linear, or for float32 / bf16 decode rows by kernels.cpp's dense_linear when kernel
-    is set (use_cpu_linear, once the kernels are built). The kernel reads the weight as stored (so a tied embedding
-    table and the prefill GEMM share it), four far-apart rows side by side: the 151 GEMVs of a default-model step
-    ~10% faster than inductor's C++ GEMM template on the same frozen weights, bf16 and float32 (see README)."""
+    """nn.Linear computed by kernels.cpp's dense_linear where dense_ok and kernel is set (use_cpu_linear, once the
+    kernels are built), else by float_linear. The kernel reads the weight as stored (a tied embedding table too).
+    Decode rows: four far-apart weight rows side by side, the 151 GEMVs of a default-model step ~10% faster than
+    inductor's C++ GEMM template on the same frozen weights. Prefill rows: a GEMM on float32 panels of 16 weight rows
+    (see README)."""
 
     kernel = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel and dense_gemv(x, self.weight):
+        if self.kernel and dense_ok(x, self.weight):
             y = torch.ops.fastllama.dense_linear(x.reshape(-1, self.in_features), self.weight)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
@@ -207,8 +215,8 @@ class CpuLinear(nn.Linear):
 
 def cpu_glu(w1: CpuLinear, w3: CpuLinear, x: Tensor) -> Tensor:
     """FeedForward.glu for two bias-free CpuLinears: silu(w1(x)) * w3(x), by one dense_glu call where dense_linear
-    would run (30 fewer calls and pointwise kernels per step on the default model)."""
-    if (w1.kernel and dense_gemv(x, w1.weight) and dense_gemv(x, w3.weight)
+    would run (30 fewer calls and pointwise kernels per step on the default model; no w1 / w3 outputs in prefill)."""
+    if (w1.kernel and dense_ok(x, w1.weight) and dense_ok(x, w3.weight)
             and w3.weight.shape == w1.weight.shape):
         y = torch.ops.fastllama.dense_glu(x.reshape(-1, w1.in_features), w1.weight, w3.weight)
         return y.view(*x.shape[:-1], w1.out_features)
