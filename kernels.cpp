@@ -514,8 +514,8 @@ void tiles(const float* x, int64_t K, int64_t rows, const float* p, T* y, int64_
 
 // y (M, N) = x @ w1.T, or glu8(x @ w1.T, x @ w3.T), for float32 x (M, K). Work items: a block of at most 384 rows of x
 // (384 x K floats stay in L3) times one panel of 16 rows of each weight (K x 16 floats, in L2). Packing widens each
-// weight once per block, against 2 x 16 x (block rows) FLOPs per weight. Measured on the default model's shapes at
-// 256 rows: ~15-20% less time than MKL's float32 GEMM on weights widened beforehand (torch.mm).
+// weight once per block, against 2 x 16 x (block rows) FLOPs per weight. One layer of the default model at 256 rows,
+// medians of 40: bf16 weights 14.3 ms against 20.9 for widening + MKL; float32 14.5 against MKL's 15.8 ms.
 template <typename W, typename T>
 void dense_gemm(const float* x, int64_t M, const at::Tensor& w1, const at::Tensor* w3, T* y) {
   using WT = typename W::T;
