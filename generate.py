@@ -248,7 +248,7 @@ def load_model(checkpoint_path, device="cpu", precision: str = "bf16", transform
     if not quantized and model.norm.weight.device.type == "cpu":
         from kernels import use_cpu_linear
 
-        use_cpu_linear(model)  # decode GEMVs by the C++ kernel; bf16 prefill GEMMs in float32 without bf16 arithmetic
+        use_cpu_linear(model)  # float32 / bf16 linears by the C++ kernel (decode; prefill on AVX2 CPUs)
     if transform is not None:  # after the swap above, so that hooks it adds (tp's all-reduces) stay in use
         transform(model)
     if quantized:

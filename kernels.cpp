@@ -490,16 +490,11 @@ inline void tile(const float* x, int64_t K, const float* p, T* y, int64_t N, int
         a[r][g][0] = _mm256_fmadd_ps(v, b[g][0], a[r][g][0]), a[r][g][1] = _mm256_fmadd_ps(v, b[g][1], a[r][g][1]);
     }
   }
-  alignas(32) float t[R][16];
   #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    _mm256_store_ps(t[r], G == 1 ? a[r][0][0] : glu8<T>(a[r][0][0], a[r][G - 1][0]));
-    _mm256_store_ps(t[r] + 8, G == 1 ? a[r][0][1] : glu8<T>(a[r][0][1], a[r][G - 1][1]));
+    store8(y + r * N, G == 1 ? a[r][0][0] : glu8<T>(a[r][0][0], a[r][G - 1][0]));
+    if (cols == 16) store8(y + r * N + 8, G == 1 ? a[r][0][1] : glu8<T>(a[r][0][1], a[r][G - 1][1]));
   }
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
-    for (int h = 0; h < cols / 8; ++h) store8(y + r * N + 8 * h, _mm256_load_ps(t[r] + 8 * h));
 }
 
 // `rows` rows of y against the panels: R at a time, then the rest by a smaller tile
