@@ -4,15 +4,16 @@
 
 For each precision and system: prefill tokens/s of a --prompt_tokens prompt, time to first token,
 decode tokens/s at batch 1 and at --batch_size, the weight bandwidth that decode speed implies (bytes
-of weights read per token x tokens/s) next to the machine's own copy bandwidth measured in the same
-run, peak memory and compile time; medians of --runs runs after a warm-up. Every row runs in its own
-process, so peak memory is that row's alone. The systems of one precision are loaded side by side and
-their timed runs alternate (A B, B A, ...): this machine's speed drifts by a fifth within minutes, and
-alternating puts that drift on both sides of a ratio instead of into it.
+of weights read per token, by memory.bytes_read_per_token for every system, x tokens/s) next to the
+machine's own copy bandwidth measured in the same run, peak memory and compile time; medians of --runs
+runs after a warm-up. Every row runs in its own process, so peak memory is that row's alone. The systems
+of one precision are loaded side by side and their timed runs alternate (A B, B A, ...): this machine's
+speed drifts by a fifth within minutes, and alternating puts that drift on both sides of a ratio
+instead of into it.
 
 Precisions: fp32 and bf16 run the float checkpoint; int8 and int4 (group 32) run quantize.py's
-checkpoints beside it (made on first use), with float32 activations on CPU (the int8/int4 kernels
-work in float32; bf16 would only add conversions) and bf16 on CUDA.
+checkpoints beside it (made on first use), in the activation precision --precision auto gives them
+(generate.resolve_precision).
 transformers runs the float precisions from the same weights (convert_hf_checkpoint.to_hf_state_dict).
 llama.cpp (through llama-cpp-python, an optional dependency: `pip install llama-cpp-python`) runs GGUF
 files made from the same checkpoint: F32 / BF16 written by scripts/convert_gguf.export_gguf, Q8_0 and
@@ -31,9 +32,20 @@ from typing import Callable
 
 import torch
 
-from checkpoint import checkpoint_files, load_state_dict, read_config
-from generate import (DEFAULT_CHECKPOINT, PRECISIONS, compile_step, decode_one_token, generate, load_model,
-                      model_size_bytes, peak_memory_bytes, resolve_device, run_cli)
+import quantize
+from checkpoint import Checkpoint
+from cli import run_cli
+from generate import (
+    DEFAULT_CHECKPOINT,
+    PRECISIONS,
+    compile_step,
+    decode_one_token,
+    generate,
+    load_model,
+    resolve_device,
+    resolve_precision,
+)
+from memory import bytes_read_per_token, model_bytes_read_per_token, peak_memory_bytes
 from tokenizer import get_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
@@ -99,11 +111,9 @@ def is_fresh(made: Path, source: Path) -> bool:
 
 def checkpoint_for(checkpoint: Path, precision: str) -> Path:
     """The weights file a precision runs: the float checkpoint, or its quantized twin (made if missing)."""
-    weights, _ = checkpoint_files(checkpoint)
+    weights = Checkpoint.open(checkpoint).weights
     if precision not in QUANTIZED:
         return weights
-    import quantize
-
     mode, groupsize = QUANTIZED[precision]
     out = weights.parent / quantize.output_name(mode, groupsize)
     if not is_fresh(out, weights):
@@ -113,9 +123,9 @@ def checkpoint_for(checkpoint: Path, precision: str) -> Path:
 
 
 def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_size, compiled) -> Runner:
-    path = checkpoint_for(checkpoint, precision)
-    activations = ("bf16" if device.type == "cuda" else "fp32") if precision in QUANTIZED else precision
-    model = load_model(path, device, activations)
+    ckpt = Checkpoint.open(checkpoint_for(checkpoint, precision))
+    activations = resolve_precision("auto" if precision in QUANTIZED else precision, ckpt, device)
+    model = load_model(ckpt, device, activations)
     step = compile_step(decode_one_token, device) if compiled else decode_one_token
 
     def make_run(b):
@@ -124,7 +134,8 @@ def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_size, compi
         return lambda cb: generate(model, x, n_new, temperature=0.0, decode_step=step, callback=cb)
 
     return Runner(make_run, (1, batch_size), lambda: {
-        "weights_file": path.name, "activations": activations, "weights_gb": model_size_bytes(model) / 1e9,
+        "weights_file": ckpt.weights.name, "activations": activations,
+        "weights_gb": model_bytes_read_per_token(model) / 1e9,
         "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
 
@@ -133,12 +144,10 @@ def bench_transformers(checkpoint, device, precision, ids, n_new, batch_size) ->
 
     if precision in QUANTIZED:
         raise ValueError("transformers runs the float precisions only")
-    args, _ = read_config(checkpoint)
-    config = transformers.AutoConfig.for_model(**to_hf_config(args))
+    ckpt = Checkpoint.open(checkpoint)
+    config = transformers.AutoConfig.for_model(**to_hf_config(ckpt.args))
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=PRECISIONS[precision])
-    sd = to_hf_state_dict(load_state_dict(checkpoint), args)
-    if args.tie_embeddings:
-        del sd["lm_head.weight"]
+    sd = to_hf_state_dict(ckpt.state_dict(), ckpt.args)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     model = model.to(device).eval()
@@ -165,7 +174,8 @@ def bench_transformers(checkpoint, device, precision, ids, n_new, batch_size) ->
                            pad_token_id=0)
         return run
 
-    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    sizes = {name: p.numel() * p.element_size() for name, p in model.named_parameters()}
+    weights_gb = bytes_read_per_token(sizes, "model.embed_tokens.", config.tie_word_embeddings) / 1e9
     return Runner(make_run, (1, batch_size), lambda: {"weights_gb": weights_gb,
                                                       "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
@@ -176,7 +186,7 @@ def llama_cpp_gguf(checkpoint: Path, precision: str) -> Path:
 
     if precision not in LLAMA_CPP_TYPES:
         raise ValueError(f"no llama.cpp type for {precision}; llama.cpp rows: {', '.join(LLAMA_CPP_TYPES)}")
-    weights, _ = checkpoint_files(checkpoint)
+    weights = Checkpoint.open(checkpoint).weights
     folder = weights.parent / "gguf"
     folder.mkdir(exist_ok=True)
     kind = LLAMA_CPP_TYPES[precision]
@@ -212,7 +222,11 @@ def bench_llama_cpp(checkpoint, device, precision, ids, n_new, batch_size) -> Ru
             if i + 1 == n_new:
                 break
 
-    return Runner(lambda _b: run, (1,), lambda: {"weights_file": path.name, "weights_gb": path.stat().st_size / 1e9,
+    from gguf import GGUFReader
+
+    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    weights_gb = bytes_read_per_token(sizes, "token_embd.", "output.weight" not in sizes) / 1e9
+    return Runner(lambda _b: run, (1,), lambda: {"weights_file": path.name, "weights_gb": weights_gb,
                                                   "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
 
@@ -221,7 +235,8 @@ def serve(spec: dict) -> None:
     JSON line each way: warm-up at batch b (its time), one timed run at batch b, and at the end the row's info."""
     device = resolve_device(spec["device"])
     torch.manual_seed(0)
-    args = (Path(spec["checkpoint"]), device, spec["precision"], spec["ids"], spec["max_new_tokens"], spec["batch_size"])
+    args = (Path(spec["checkpoint"]), device, spec["precision"], spec["ids"], spec["max_new_tokens"],
+            spec["batch_size"])
     system = spec["system"]
     if system.startswith("fastllama"):
         runner = bench_fastllama(*args, compiled=system == "fastllama --compile")
@@ -251,9 +266,14 @@ class Worker:
     """The parent's handle on one row's worker process (serve)."""
 
     def __init__(self, spec: dict):
+        """Start the worker; it loads its system while the others start too (ready() waits for it)."""
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker_spec", json.dumps(spec)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.batch_sizes = ()
+
+    def ready(self) -> "Worker":
         self.batch_sizes = tuple(self._read()["batch_sizes"])
+        return self
 
     def _read(self) -> dict:
         for line in self.proc.stdout:
@@ -284,10 +304,10 @@ def measure(specs: dict, runs: int, batch_size: int) -> dict:
             workers.pop(system, None)
             return None
 
-    for system, spec in specs.items():
-        print(f"loading {system} {spec['precision']} ...", file=sys.stderr, flush=True)
-        worker = attempt(system, lambda: Worker(spec))
-        if worker is not None:
+    print(f"loading {', '.join(specs)} ({next(iter(specs.values()))['precision']}) ...", file=sys.stderr, flush=True)
+    started = {system: Worker(spec) for system, spec in specs.items()}
+    for system, worker in started.items():
+        if attempt(system, worker.ready) is not None:
             workers[system] = worker
     for b in (1, batch_size):
         active = [s for s, w in workers.items() if b in w.batch_sizes]
@@ -319,9 +339,10 @@ def measure(specs: dict, runs: int, batch_size: int) -> dict:
 
 # ---- the command ---------------------------------------------------------------------------------------
 
-def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = None, precisions: str = "fp32,bf16,int8,int4",
-         compare: str | None = None, eager: bool = False, prompt_tokens: int = 256, max_new_tokens: int = 128,
-         batch_size: int = 4, runs: int = 5, json_path: Path | None = None, worker_spec: str | None = None) -> list[dict]:
+def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = None,
+         precisions: str = "fp32,bf16,int8,int4", compare: str | None = None, eager: bool = False,
+         prompt_tokens: int = 256, max_new_tokens: int = 128, batch_size: int = 4, runs: int = 5,
+         json_path: Path | None = None, worker_spec: str | None = None) -> list[dict]:
     """Benchmark each precision and system; print a markdown table; return (and optionally save) the rows."""
     if worker_spec is not None:
         serve(json.loads(worker_spec))
@@ -341,8 +362,8 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
             raise ValueError("--compare llama.cpp needs llama-cpp-python: pip install llama-cpp-python") from None
     if batch_size < 2:
         raise ValueError(f"--batch_size {batch_size}: use 2 or more (batch 1 is always measured)")
-    weights, _ = checkpoint_files(checkpoint_path)
-    ids = prompt_ids(get_tokenizer(weights), prompt_tokens)
+    weights = Checkpoint.open(checkpoint_path).weights
+    ids = prompt_ids(get_tokenizer(weights.parent), prompt_tokens)
     stream = copy_bandwidth()
     print(f"memory copy bandwidth: {stream:.1f} GB/s", file=sys.stderr)
     systems = ["fastllama --compile"] + (["fastllama eager"] if eager else []) + others
@@ -369,7 +390,8 @@ def print_table(rows, prompt_tokens, max_new_tokens, batch_size, stream) -> None
     def num(v, fmt=".1f"):
         return "-" if v is None else format(v, fmt)
 
-    print(f"\nprompt {prompt_tokens} tokens, {max_new_tokens} new tokens, greedy, {rows[0]['threads'] if rows else '?'} "
+    threads = rows[0]["threads"] if rows else "?"
+    print(f"\nprompt {prompt_tokens} tokens, {max_new_tokens} new tokens, greedy, {threads} "
           f"threads; medians; memory copy bandwidth {stream:.1f} GB/s\n")
     print(f"| precision | system | prefill tok/s | first token ms | decode tok/s | decode tok/s batch {batch_size} "
           "| GB/s | of copy bw | peak GB | compile s | vs llama.cpp | vs transformers |")
@@ -382,22 +404,27 @@ def print_table(rows, prompt_tokens, max_new_tokens, batch_size, stream) -> None
         for other in SYSTEMS:
             ref = next((x for x in rows if x["precision"] == r["precision"] and x["system"] == other
                         and "decode_tok_s" in x), None)
-            ratios.append(f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref and r["system"].startswith("fastllama") else "-")
+            ours = r["system"].startswith("fastllama")
+            ratios.append(f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref and ours else "-")
         system = f"llama.cpp ({LLAMA_CPP_TYPES[r['precision']]})" if r["system"] == "llama.cpp" else r["system"]
-        print(f"| {PRECISION_LABELS.get(r['precision'], r['precision'])} | {system} | {num(r['prefill_tok_s'])} | {num(r['ttft_ms'], '.0f')} "
+        label = PRECISION_LABELS.get(r["precision"], r["precision"])
+        print(f"| {label} | {system} | {num(r['prefill_tok_s'])} | {num(r['ttft_ms'], '.0f')} "
               f"| {num(r['decode_tok_s'])} | {num(r.get('decode_batch_tok_s'))} | {num(r['bandwidth_gb_s'])} "
-              f"| {r['bandwidth_gb_s'] / stream:.0%} | {num(r['peak_memory_gb'], '.2f')} | {num(r['compile_s'], '.0f')} "
+              f"| {r['bandwidth_gb_s'] / stream:.0%} | {num(r['peak_memory_gb'], '.2f')} "
+              f"| {num(r['compile_s'], '.0f')} "
               f"| {ratios[1]} | {ratios[0]} |")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Benchmark a fastllama checkpoint, optionally against transformers and llama.cpp.")
+    p = argparse.ArgumentParser(
+        description="Benchmark a fastllama checkpoint, optionally against transformers and llama.cpp.")
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT, help="float model.pth or its folder")
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precisions", type=str, default="fp32,bf16,int8,int4",
                    help=f"comma-separated from {', '.join(BENCH_PRECISIONS)} (int4 = group size 32)")
     p.add_argument("--compare", type=str, default=None, help="comma-separated: transformers, llama.cpp")
-    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=False, help="also run fastllama without compile")
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=False,
+                   help="also run fastllama without compile")
     p.add_argument("--prompt_tokens", type=int, default=256, help="prompt length in tokens (prefill)")
     p.add_argument("--max_new_tokens", type=int, default=128, help="tokens generated per run")
     p.add_argument("--batch_size", type=int, default=4, help="the batch size measured besides batch 1")

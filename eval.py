@@ -9,15 +9,26 @@ Reference: https://huggingface.co/docs/transformers/perplexity
 """
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from generate import (DEFAULT_CHECKPOINT, PRECISIONS, compile_step, decode_one_token, generate, left_pad,
-                      load_model, resolve_device, run_cli, until_stop)
+from checkpoint import Checkpoint
+from cli import run_cli
+from generate import (
+    DEFAULT_CHECKPOINT,
+    PRECISIONS,
+    compile_step,
+    decode_one_token,
+    generate,
+    left_pad,
+    load_model,
+    resolve_device,
+    resolve_precision,
+    until_stop,
+)
 from tokenizer import get_tokenizer
 
 
@@ -39,7 +50,7 @@ def perplexity(model, ids: list[int], max_seq_length: int, stride: int) -> tuple
         raise ValueError("the text needs at least two tokens for a perplexity")
     if not 0 < stride <= max_seq_length:
         raise ValueError(f"--stride must be in 1..--max_seq_length ({max_seq_length}), got {stride}")
-    device = model.norm.weight.device
+    device = model.device
     model.setup_caches(1, max_seq_length)
     nll, count = 0.0, 0
     for begin, end, first in windows(len(ids), max_seq_length, stride):
@@ -66,7 +77,7 @@ def lm_eval_model(model, tokenizer, *, batch_size: int = 1, max_seq_length: int 
     from lm_eval import utils
     from lm_eval.api.model import TemplateLM
 
-    device = model.norm.weight.device
+    device = model.device
     model.setup_caches(batch_size, max_seq_length)
     score = compile_step(logits, device, dynamic=True) if compile else logits
     decode_step = compile_step(decode_one_token, device) if compile else decode_one_token
@@ -83,7 +94,8 @@ def lm_eval_model(model, tokenizer, *, batch_size: int = 1, max_seq_length: int 
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
             """None: the tokenizer's own default (BOS when its config adds one), as lm-eval's hf model does."""
-            return tokenizer.encode(string, add_special_tokens=True if add_special_tokens is None else add_special_tokens)
+            special = True if add_special_tokens is None else add_special_tokens
+            return tokenizer.encode(string, add_special_tokens=special)
 
         @torch.no_grad()
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -148,22 +160,59 @@ def lm_eval_model(model, tokenizer, *, batch_size: int = 1, max_seq_length: int 
     return FastLlamaLM()
 
 
-def run_tasks(lm, tasks: list[str], include_path: Path | None, limit: int | None, log_samples: bool = False) -> dict:
-    """lm-eval's simple_evaluate on an LM; local task YAMLs from include_path work offline."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
+def task_manager(tasks: list[str], include_path: Path | None):
+    """lm-eval's TaskManager for `tasks`: task YAMLs under include_path (local data, works offline), and lm-eval's own
+    registry only when a task is not among them (indexing it reads thousands of YAML files, ~13 s); ValueError
+    naming the tasks neither knows."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ValueError("lm-eval tasks need lm-eval: pip install lm-eval==0.4.13") from None
+    if include_path is not None:
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(t in manager.all_tasks for t in tasks):
+            return manager
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; check the name or pass --include_path DIR")
+        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; check the name, or give the folder of local "
+                         "task YAML files")
+    return manager
+
+
+def task_texts(tasks: list[str], include_path: Path | None, limit: int) -> list[str]:
+    """Up to `limit` documents (prompt and answer) of lm-eval tasks, as text (GPTQ calibrates on them)."""
+    from lm_eval.tasks import get_task_dict
+
+    def leaves(d):  # groups nest their tasks in dicts
+        for v in d.values():
+            yield from leaves(v) if isinstance(v, dict) else [v]
+
+    texts = []
+    for task in leaves(get_task_dict(tasks, task_manager(tasks, include_path))):
+        split = next(s for s in ("validation", "test", "training") if getattr(task, f"has_{s}_docs")())
+        for doc in getattr(task, f"{split}_docs")():
+            target = task.doc_to_target(doc)
+            if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
+                target = task.doc_to_choice(doc)[target]
+            texts.append(f"{task.doc_to_text(doc)}{task.config.target_delimiter}{target}")
+            if len(texts) >= limit:
+                return texts
+    return texts
+
+
+def run_tasks(lm, tasks: list[str], include_path: Path | None, limit: int | None, log_samples: bool = False) -> dict:
+    """lm-eval's simple_evaluate on an LM; local task YAMLs from include_path work offline."""
+    import lm_eval
+
+    manager = task_manager(tasks, include_path)
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=log_samples)
 
 
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | None = None,
          tasks: str | None = None, include_path: Path | None = None, limit: int | None = None,
          batch_size: int = 1, compile: bool = False, max_seq_length: int | None = None, stride: int | None = None,
-         device: str | None = None, precision: str = "fp32") -> dict:
+         device: str | None = None, precision: str = "auto") -> dict:
     """Print and return the perplexity of perplexity_file and / or the lm-eval results of tasks."""
     if perplexity_file is None and not tasks:
         raise ValueError("nothing to evaluate; pass --perplexity FILE and/or --tasks NAMES")
@@ -173,11 +222,10 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | 
         raise FileNotFoundError(f"--include_path {include_path} is not a folder of lm-eval task YAML files")
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError("--batch_size and --limit must be at least 1")
-    model = load_model(checkpoint_path, resolve_device(device), precision)
-    tokenizer = get_tokenizer(checkpoint_path)
+    ckpt, dev = Checkpoint.open(checkpoint_path), resolve_device(device)
+    precision = resolve_precision(precision, ckpt, dev)
+    model, tokenizer = load_model(ckpt, dev, precision), get_tokenizer(ckpt.folder)
     seq = max_seq_length or min(model.config.block_size, 1024 if perplexity_file else 2048)
-    if seq > model.config.block_size:
-        raise ValueError(f"--max_seq_length {seq} exceeds the model's context of {model.config.block_size}")
     out = {}
     if perplexity_file is not None:
         ids = tokenizer.encode(Path(perplexity_file).read_text())
@@ -208,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile scoring and decoding")
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="window length (default: min(context, 1024) for --perplexity, 2048 for tasks)")
-    p.add_argument("--stride", type=int, default=None, help="perplexity: tokens between window starts (default: half a window)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="perplexity: tokens between window starts (default: half a window)")
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="activations dtype")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="activations dtype (auto: bf16; fp32 for int8 / int4 checkpoints on a CPU)")
     return p
 
 

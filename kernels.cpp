@@ -15,7 +15,7 @@
 //       x float32, or bf16 with a bf16 w. M <= 16: GEMVs (dense_rows); more rows: a GEMM on packed panels (dense_gemm)
 //   dense_glu(x, w1, w3) -> silu(x @ w1.T) * (x @ w3.T), in one call
 //
-// Registered as torch.ops.fastllama.*; kernels.py builds this file and holds the PyTorch reference.
+// torch.ops.fastllama.*: kernels.py defines their schemas, builds this file and holds the PyTorch reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -309,7 +309,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
-  // no software prefetch (as int8): prefetching 2 row groups ahead made the 150 int4 calls of a step 5-10% slower
+  // no software prefetch (as int8): prefetching 2 row groups ahead made the int4 calls slower (docs/kernels.md)
   parallel_chunks(N / 8, 4, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t m = 0; m < M; ++m)
@@ -353,9 +353,8 @@ struct BFloat16Weights {
 };
 
 // The dot products of S weight rows with x, read side by side. The rows come from S places far apart in the
-// matrix: S long sequential streams per thread, which the hardware prefetcher follows at once. The 151 float32 GEMVs
-// of a step: 16-28% less time than one row at a time (one stream) in a C++ loop, 10-12% less than inductor's GEMM
-// template (also one stream per thread) in a compiled step.
+// matrix: S long sequential streams per thread, which the hardware prefetcher follows at once; one row at a time (one
+// stream per thread, as inductor's GEMM template reads) leaves memory bandwidth unused (docs/kernels.md).
 template <typename W, int S>
 inline void dots(const float* x, int64_t K, const typename W::T* const* w, float* out) {
   __m256 a[S][2];
@@ -509,8 +508,7 @@ void tiles(const float* x, int64_t K, int64_t rows, const float* p, T* y, int64_
 
 // y (M, N) = x @ w1.T, or glu8(x @ w1.T, x @ w3.T), for float32 x (M, K). Work items: a block of at most 384 rows of x
 // (384 x K floats stay in L3) times one panel of 16 rows of each weight (K x 16 floats, in L2). Packing widens each
-// weight once per block, against 2 x 16 x (block rows) FLOPs per weight. One layer of the default model at 256 rows,
-// medians of 40: bf16 weights 14.3 ms against 20.9 for widening + MKL; float32 14.5 against MKL's 15.8 ms.
+// weight once per block, against 2 x 16 x (block rows) FLOPs per weight (measured against MKL: docs/kernels.md).
 template <typename W, typename T>
 void dense_gemm(const float* x, int64_t M, const at::Tensor& w1, const at::Tensor* w3, T* y) {
   using WT = typename W::T;
@@ -536,7 +534,10 @@ void dense_gemm(const float* x, int64_t M, const at::Tensor& w1, const at::Tenso
   });
 }
 
-constexpr int64_t kGemvMaxRows = 16;  // kernels.GEMV_MAX_ROWS: more rows than this are a prefill
+#ifndef FASTLLAMA_GEMV_MAX_ROWS
+#error "build with -DFASTLLAMA_GEMV_MAX_ROWS=N (kernels.py passes its GEMV_MAX_ROWS)"
+#endif
+constexpr int64_t kGemvMaxRows = FASTLLAMA_GEMV_MAX_ROWS;  // more rows than this are a prefill (kernels.py)
 
 template <typename W, typename T>
 void dense(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, T* y) {
@@ -705,15 +706,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 }  // namespace
 
-TORCH_LIBRARY(fastllama, m) {
-  m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
-  m.def("int8_glu(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3) -> Tensor");
-  m.def("int4_linear(Tensor x, Tensor weight, Tensor dm) -> Tensor");
-  m.def("dense_linear(Tensor x, Tensor weight) -> Tensor");
-  m.def("dense_glu(Tensor x, Tensor w1, Tensor w3) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
-}
-
+// The schemas are defined in kernels.py (OPS), which loads this file; here only the CPU implementations.
 TORCH_LIBRARY_IMPL(fastllama, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int8_glu", &int8_glu);

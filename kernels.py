@@ -1,28 +1,31 @@
-"""CPU fast paths: the C++ kernels of kernels.cpp (int8 / int4 / float32 / bf16 linear, one-token attention) and their
-PyTorch reference; weights in huge pages (weights_in_huge_pages).
+"""CPU fast paths: the C++ ops of kernels.cpp, when each one may run (OPS, the one table), their PyTorch reference,
+the kernels' weight layouts, weights in huge pages, and how a step is compiled on a CPU (compile_cpu).
 
 kernels.cpp is compiled once per source version with torch.utils.cpp_extension (cached under
-~/.cache/torch_extensions) the first time a model is loaded on an AVX2 CPU; the ops it registers,
-torch.ops.fastllama.int8_linear / int8_glu / int4_linear / dense_linear / dense_glu / decode_attention, are opaque
-to torch.compile (fake implementations below give their shapes). Everywhere else (no AVX2, no compiler,
-FASTLLAMA_KERNELS=0, large batches) the same math runs as plain PyTorch: dequantize, then F.linear.
-CpuLinear: float32 / bf16 linears by dense_linear (decode GEMVs; prefill GEMMs on AVX2 CPUs); float_linear: bf16 /
-fp16 prefill GEMMs in float32 elsewhere on CPUs without half-precision arithmetic.
+~/.cache/torch_extensions) the first time a model is loaded on an AVX2 CPU (cpu_kernels). Its ops,
+torch.ops.fastllama.<name> for each name in OPS, are opaque to torch.compile (each entry's `fake` gives their
+shapes). `run(name, ...)` calls the op where its entry's `takes` says it may, else the entry's `reference`: the
+same math in plain PyTorch, which also runs wherever the kernels are not built (no AVX2, no compiler,
+FASTLLAMA_KERNELS=0). Design notes and measurements: docs/kernels.md.
 
-Weight layouts (the kernels' own; quantize.py converts its device-independent checkpoints to them):
+Weight layouts (the kernels' own; layers.py converts the device-independent checkpoints to them):
   int8: w (N, K) int8, rows interleaved by 8 (int8_to_kernel), scales (N // 8, G, 8) float32:
         w_float = w * s per group of K // G inputs
   int4: w (N, K // 2) uint8, rows interleaved by 8 (int4_to_kernel), dm (N // 8, 2, G, 8) float16 = (d, m):
         w_float = q * d + m per group of K // G inputs (llama.cpp's Q4_1 arithmetic)
-The kernels round activations to int16 per block of 32 (error below 1/65000 of the block's largest
-value, far finer than bf16); they need K % 64 == 0 and, for int4, N % 8 == 0.
+The int8 / int4 kernels round activations to int16 per block of 32 (error below 1/65000 of the block's largest
+value, far finer than bf16); quantized_kernel says which layers they take.
 """
 import functools
 import mmap
 import os
 import subprocess
 import sys
+import warnings
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,39 +34,145 @@ from torch import Tensor, nn
 import model
 
 SOURCE = Path(__file__).resolve().with_name("kernels.cpp")
-GEMV_MAX_ROWS = 16  # more rows than this (prefill): dequantize once and use the float GEMM
+GEMV_MAX_ROWS = 16  # more rows than this are a prefill (GEMM); kernels.cpp gets it at build time
+
+
+# ---- what this CPU offers ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cpu:
+    """The CPU facts the fast paths depend on; tests force each combination (monkeypatch this_cpu)."""
+    capability: str  # torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", "DEFAULT", ...
+    half_arithmetic: bool  # bf16 / fp16 multiplied natively (AVX512-BF16 or AMX); AVX2 CPUs emulate it slowly
+
+    @property
+    def avx2(self) -> bool:
+        return self.capability in ("AVX2", "AVX512")
+
+    @property
+    def dense_gemm(self) -> bool:
+        """dense_linear / dense_glu take prefill rows too: their GEMM beats MKL's float32 one where MKL's widest
+        vectors are AVX2's and needs no widened copy of a bf16 weight; with AVX-512 MKL's vectors are twice as wide."""
+        return self.capability == "AVX2" and not self.half_arithmetic
+
+
+@functools.cache
+def this_cpu() -> Cpu:
+    """The CPU this process runs on."""
+    half = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return Cpu(torch.backends.cpu.get_cpu_capability(), half)
+
+
+# ---- the ops: one table ----------------------------------------------------------------------------------
+
+def float_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, w, bias) in x's dtype. On a CPU without half-precision arithmetic, bf16 / fp16 inputs of more
+    than GEMV_MAX_ROWS rows (prefill) are multiplied in float32: torch's half-precision GEMM is ~10x slower there.
+    Few rows (decode) stay in half precision, which reads half the bytes."""
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    if half and x.device.type == "cpu" and not gemv(x) and not this_cpu().half_arithmetic:
+        return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, w.to(x.dtype), bias)
+
+
+def gemv(x: Tensor) -> bool:
+    """Whether x (..., K) has few enough rows to be a decode step's GEMV rather than a prefill's GEMM."""
+    return x.numel() <= GEMV_MAX_ROWS * x.size(-1)
+
+
+def quantized_kernel(device: torch.device, in_features: int, out_features: int) -> str:
+    """Which kernel a quantized layer uses, and so which layout layers.py packs it in: "cpp" (kernels.cpp:
+    K % 64 == 0, N % 8 == 0, the kernels built), "cuda" (torch's) or "torch" (dequantize, then F.linear)."""
+    if device.type == "cuda":
+        return "cuda"
+    if device.type == "cpu" and in_features % 64 == 0 and out_features % 8 == 0 and cpu_kernels():
+        return "cpp"
+    return "torch"
+
+
+def _dense_takes(x: Tensor, w: Tensor) -> bool:
+    """dense_linear computes x @ w.T: CPU, float32 or bf16 x and w of one dtype, w (N, K) contiguous with N % 8 == 0
+    and K % 32 == 0; decode rows, or prefill rows where this CPU's dense_gemm is the faster GEMM."""
+    return (x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and w.dim() == 2 and w.size(0) % 8 == 0 and w.size(1) % 32 == 0 and w.is_contiguous()
+            and (gemv(x) or this_cpu().dense_gemm))
+
+
+def _attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    B, H, D = q.shape
+    return model.decode_attention(q.view(B, H, 1, D), k, v, mask.view(-1, 1, 1, k.size(2))).view(B, H, D)
+
+
+def _glu(linear: Callable) -> Callable:
+    return lambda x, *w: F.silu(linear(x, *w[: len(w) // 2])) * linear(x, *w[len(w) // 2:])
+
+
+@dataclass(frozen=True)
+class Op:
+    schema: str  # torch.library schema of torch.ops.fastllama.<name>, defined here; kernels.cpp implements it
+    fake: Callable  # the output's shape and dtype, for torch.compile
+    reference: Callable  # the same math in PyTorch: the op's specification and its stand-in
+    takes: Callable  # (the op's arguments) -> whether the C++ op may compute them
+
+
+def _rows_out(x, w, *_):
+    return x.new_empty(x.size(0), w.size(0))
+
+
+def _int8_reference(x, w, s):
+    return float_linear(x, dequantize_int8_kernel(w, s))
+
+
+def _int4_reference(x, w, dm):
+    return float_linear(x, dequantize_int4_kernel(w, dm))
+
+
+OPS = {  # the weights are already in the kernels' layouts (quantized_kernel chose "cpp"); rows decide the rest
+    "int8_linear": Op("(Tensor x, Tensor weight, Tensor scales) -> Tensor", _rows_out, _int8_reference,
+                      lambda x, w, s: gemv(x)),
+    "int8_glu": Op("(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3) -> Tensor", _rows_out,
+                   _glu(_int8_reference), lambda x, w1, s1, w3, s3: gemv(x) and w1.shape == w3.shape),
+    "int4_linear": Op("(Tensor x, Tensor weight, Tensor dm) -> Tensor", _rows_out, _int4_reference,
+                      lambda x, w, dm: gemv(x)),
+    "dense_linear": Op("(Tensor x, Tensor weight) -> Tensor", _rows_out, float_linear, _dense_takes),
+    "dense_glu": Op("(Tensor x, Tensor w1, Tensor w3) -> Tensor", _rows_out, _glu(float_linear),
+                    lambda x, w1, w3: _dense_takes(x, w1) and _dense_takes(x, w3) and w1.shape == w3.shape),
+    "decode_attention": Op("(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor",
+                           lambda q, k, v, mask: torch.empty_like(q), _attention_reference,
+                           lambda q, k, v, mask: q.device.type == "cpu" and q.size(-1) % 8 == 0
+                           and k.dtype in (torch.float32, torch.bfloat16, torch.float16)),
+}
+
+
+def run(name: str, *args: Tensor) -> Tensor:
+    """OPS[name] on args: the C++ op where its entry takes them, else its PyTorch reference. Callers route here only
+    once the kernels are built (cpu_kernels) and, for quantized weights, packed in the kernels' layout."""
+    op = OPS[name]
+    return getattr(torch.ops.fastllama, name)(*args) if op.takes(*args) else op.reference(*args)
 
 
 @functools.cache
 def cpu_kernels() -> bool:
     """True when the C++ kernels are built and loaded for this CPU; builds them on first use."""
-    if os.environ.get("FASTLLAMA_KERNELS", "1") == "0":
-        return False
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if os.environ.get("FASTLLAMA_KERNELS", "1") == "0" or not this_cpu().avx2:
         return False
     from torch.utils.cpp_extension import load
 
+    for name, op in OPS.items():
+        torch.library.define(f"fastllama::{name}", op.schema)
+        torch.library.register_fake(f"fastllama::{name}")(op.fake)
     try:
-        load(name="fastllama_kernels", sources=[str(SOURCE)], is_python_module=False,
-             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-falign-loops=32"], extra_ldflags=["-fopenmp"], verbose=False)
+        load(name="fastllama_kernels", sources=[str(SOURCE)], is_python_module=False, verbose=False,
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-falign-loops=32",
+                           f"-DFASTLLAMA_GEMV_MAX_ROWS={GEMV_MAX_ROWS}"], extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
         print(f"warning: fastllama's C++ kernels did not build ({str(e).splitlines()[0]}); "
               "using the slower PyTorch path", file=sys.stderr)
         return False
-    torch.library.register_fake("fastllama::int8_linear")(_fake_linear)
-    torch.library.register_fake("fastllama::int4_linear")(_fake_linear)
-    torch.library.register_fake("fastllama::int8_glu")(lambda x, w1, s1, w3, s3: x.new_empty(x.size(0), w1.size(0)))
-    torch.library.register_fake("fastllama::dense_linear")(lambda x, w: x.new_empty(x.size(0), w.size(0)))
-    torch.library.register_fake("fastllama::dense_glu")(lambda x, w1, w3: x.new_empty(x.size(0), w1.size(0)))
-    torch.library.register_fake("fastllama::decode_attention")(lambda q, k, v, mask: torch.empty_like(q))
     return True
 
 
-def _fake_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    return x.new_empty(x.size(0), weight.size(0))
-
-
-# ---- reference math and layout conversion (pure functions) ----------------------------------------------
+# ---- layouts: reference math and conversion (pure functions) --------------------------------------------
 
 def dequantize_int8(w: Tensor, scales: Tensor) -> Tensor:
     """(N, K) float32 from int8 w and scales (N,) or (N, G)."""
@@ -123,6 +232,8 @@ def dequantize_int4_kernel(w: Tensor, dm: Tensor) -> Tensor:
     return (q.float().view(N, d.size(1), -1) * d[..., None] + m[..., None]).view(N, K)
 
 
+# ---- weights in huge pages --------------------------------------------------------------------------------
+
 def in_huge_pages(tensors: list[Tensor]) -> list[Tensor]:
     """Copies of CPU tensors, side by side in one anonymous mapping that Linux may back with 2 MiB pages.
 
@@ -148,8 +259,7 @@ def weights_in_huge_pages(module: nn.Module) -> None:
     """Move every parameter and buffer of a CPU module into huge pages (in_huge_pages); tied ones stay tied.
 
     A decode step streams every weight once. In 4 KiB pages (how the checkpoint's mmap and repacked int4
-    weights come) each 4 KiB costs a TLB miss and restarts the hardware prefetcher: the int4 linears of a
-    step ran 5-8% faster from huge pages (interleaved A/B in one process).
+    weights come) each 4 KiB costs a TLB miss and restarts the hardware prefetcher (docs/kernels.md).
     """
     slots = [(m, kind, name, t) for m in module.modules() for kind in ("_parameters", "_buffers")
              for name, t in getattr(m, kind).items() if t is not None and t.device.type == "cpu" and t.numel()]
@@ -160,123 +270,75 @@ def weights_in_huge_pages(module: nn.Module) -> None:
         getattr(m, kind)[name] = moved[id(t)]
 
 
-# ---- the linear ops -------------------------------------------------------------------------------------
+# ---- compiling a step on a CPU ----------------------------------------------------------------------------
 
-@functools.cache
-def cpu_has_half_arithmetic() -> bool:
-    """True when this CPU multiplies bf16 / fp16 natively (AVX512-BF16 or AMX); AVX2 CPUs emulate it slowly."""
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+@dataclass
+class _Compiled:
+    """One model's compiled step: valid while the model keeps the rotary table it was compiled with."""
+    table: weakref.ref | None = None  # setup_caches replaces the caches and the rotary table
+    fn: Callable | None = None
+    backends: str = "CPP"  # GEMM kernels autotuning may choose from
+    ran: bool = False  # compiled code exists for the arguments seen so far
 
 
-def float_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, w, bias) in x's dtype.
+def compile_cpu(fn: Callable, dynamic: bool = False) -> Callable:
+    """torch.compile fn(model, ...) for a CPU: weights frozen in, C++ GEMM templates, C++ wrapper, no module guards.
 
-    On a CPU without half-precision arithmetic, bf16 / fp16 inputs of more than GEMV_MAX_ROWS rows (prefill)
-    are multiplied in float32: torch's half-precision GEMM is ~10x slower there (bf16 prefill 61 -> 313
-    tok/s on the default model). Few rows (decode) stay in half precision, which reads half the bytes.
+    - Freezing (weights folded in as constants) is what lets max-autotune pick its C++ GEMM template over MKL, and
+      cpp_wrapper makes the code between the kernel calls C++ too (no Python between the ~150 calls of a step).
+      `options=` does not apply these, so they are patched in around the calls that compile; calls that find
+      compiled code run without them (set_stance fails a call that would compile, which then runs again with them).
+      size_asserts is off: the C++ wrapper checked every kernel output's size on every step, and the ops' fakes
+      give them.
+    - Before every call Dynamo checks thousands of guards, nearly all that the model's modules did not change:
+      each model and KV cache gets a compiled function of its own that skips those guards (isolate_recompiles: its
+      own cache of compiled code, which another model's call never finds); another model, or setup_caches,
+      compiles anew. The guards on the other arguments (shapes, sampling settings) stay.
+    - GEMMs are tuned among the C++ templates only (autotuning's noisy timings sometimes picked ATen's slower bf16
+      GEMV); a model with a GEMM no template can do is compiled again with ATen allowed.
     """
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    if half and x.device.type == "cpu" and x.numel() > GEMV_MAX_ROWS * x.size(-1) and not cpu_has_half_arithmetic():
-        return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
-    return F.linear(x, w.to(x.dtype), bias)
+    import torch._inductor.config as inductor_config
+    from torch._inductor.exc import InductorError
+
+    compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Compiled
+
+    def step(m: model.Transformer, *args, **kwargs):
+        if m.max_seq_length <= 0:  # no caches yet: the model's own error says so
+            return fn(m, *args, **kwargs)
+        entry = compiled.get(m) or _Compiled()
+        if entry.table is None or entry.table() is not m.freqs_cis:
+            entry = compiled[m] = _Compiled(weakref.ref(m.freqs_cis), torch.compile(
+                fn, fullgraph=True, dynamic=dynamic, isolate_recompiles=True, options={
+                    **torch._inductor.list_mode_options("max-autotune-no-cudagraphs"),
+                    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}), entry.backends)
+        if entry.ran:  # most calls: compiled code for these arguments exists; run it without the settings below
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return entry.fn(m, *args, **kwargs)
+            except RuntimeError as e:
+                if "fail_on_recompile" not in str(e):
+                    raise
+        try:
+            with inductor_config.patch(freezing=True, cpp_wrapper=True, max_autotune_gemm_backends=entry.backends,
+                                       size_asserts=False, autotune_num_choices_displayed=0,
+                                       max_autotune_report_choices_stats=False), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own autotuner
+                out = entry.fn(m, *args, **kwargs)
+            entry.ran = True
+            return out
+        except InductorError as e:
+            if entry.backends != "CPP" or not _no_gemm_choice(e):
+                raise
+            compiled[m] = _Compiled(backends="CPP,ATEN")  # a GEMM the C++ template cannot do: let ATen in
+            return step(m, *args, **kwargs)
+
+    return step
 
 
-def dense_gemm_here() -> bool:
-    """True when dense_linear / dense_glu also take many rows (prefill) on this CPU: its widest vectors are AVX2's and it
-    has no half-precision arithmetic. There their GEMM beats MKL's float32 one and needs no widened copy of a bf16
-    weight (README); with AVX-512, MKL's vectors are twice as wide."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX2" and not cpu_has_half_arithmetic()
+def _no_gemm_choice(e: BaseException | None) -> bool:
+    """Whether inductor's error comes from a GEMM it found no allowed kernel for (NoValidChoicesError)."""
+    from torch._inductor.select_algorithm import NoValidChoicesError
 
-
-def dense_ok(x: Tensor, w: Tensor) -> bool:
-    """True when kernels.cpp's dense_linear should compute x @ w.T: CPU, float32 or bf16 x and w of one dtype, w (N, K)
-    contiguous with N % 8 == 0 and K % 32 == 0; at most GEMV_MAX_ROWS rows (decode), or dense_gemm_here()."""
-    return (x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
-            and w.dim() == 2 and w.size(0) % 8 == 0 and w.size(1) % 32 == 0 and w.is_contiguous()
-            and (x.numel() <= GEMV_MAX_ROWS * x.size(-1) or dense_gemm_here()))
-
-
-class CpuLinear(nn.Linear):
-    """nn.Linear computed by kernels.cpp's dense_linear where dense_ok and kernel is set (use_cpu_linear, once the
-    kernels are built), else by float_linear. The kernel reads the weight as stored (a tied embedding table too).
-    Decode rows: four far-apart weight rows side by side, the 151 GEMVs of a default-model step ~10% faster than
-    inductor's C++ GEMM template on the same frozen weights. Prefill rows: a GEMM on float32 panels of 16 weight rows
-    (see README)."""
-
-    kernel = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.kernel and dense_ok(x, self.weight):
-            y = torch.ops.fastllama.dense_linear(x.reshape(-1, self.in_features), self.weight)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return float_linear(x, self.weight, self.bias)
-
-
-def cpu_glu(w1: CpuLinear, w3: CpuLinear, x: Tensor) -> Tensor:
-    """FeedForward.glu for two bias-free CpuLinears: silu(w1(x)) * w3(x), by one dense_glu call where dense_linear
-    would run (30 fewer calls and pointwise kernels per step on the default model; no w1 / w3 outputs in prefill)."""
-    if (w1.kernel and dense_ok(x, w1.weight) and dense_ok(x, w3.weight)
-            and w3.weight.shape == w1.weight.shape):
-        y = torch.ops.fastllama.dense_glu(x.reshape(-1, w1.in_features), w1.weight, w3.weight)
-        return y.view(*x.shape[:-1], w1.out_features)
-    return F.silu(w1(x)) * w3(x)
-
-
-def use_cpu_linear(transformer: nn.Module) -> None:
-    """Make every nn.Linear of a float CPU transformer a CpuLinear with the same (possibly tied) parameters, and a
-    gated feed-forward's w1 and w3 one cpu_glu call."""
-    for parent in list(transformer.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                new = CpuLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                new.weight, new.bias = child.weight, child.bias
-                new.kernel = cpu_kernels()
-                setattr(parent, name, new)
-    for m in transformer.modules():
-        if isinstance(m, model.FeedForward) and cpu_kernels() and m.w1.bias is None and m.w3.bias is None:
-            m.glu = functools.partial(cpu_glu, m.w1, m.w3)
-
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """model.decode_attention (one query position) by kernels.cpp when it applies: CPU tensors, head_dim a
-    multiple of 8, float32 / bf16 / fp16 cache. It visits only the positions the mask lets through; inductor's
-    code for the PyTorch form reads the whole static cache (30 us vs 80 us per layer on the default model)."""
-    B, H, T, D = q.shape
-    if T == 1 and q.device.type == "cpu" and D % 8 == 0 and k.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        S = k.size(-2)
-        return torch.ops.fastllama.decode_attention(q.view(B, H, D), k, v, mask.reshape(-1, S)).view(B, H, 1, D)
-    return model.decode_attention(q, k, v, mask)
-
-
-def use_cpu_attention(transformer: nn.Module) -> None:
-    """Give every attention layer of transformer decode_attention above, when the C++ kernels are built."""
-    if cpu_kernels():
-        for m in transformer.modules():
-            if isinstance(m, model.Attention):
-                m.decode_attention = decode_attention
-
-
-def int8_linear(x: Tensor, w: Tensor, scales: Tensor, use_kernel: bool) -> Tensor:
-    """x (M, K) @ w_float.T in x's dtype: w and scales in the kernel layout (int8_to_kernel) when use_kernel,
-    else (N, K) and (N, G)."""
-    if not use_kernel:
-        return float_linear(x, dequantize_int8(w, scales))
-    if x.size(0) <= GEMV_MAX_ROWS:
-        return torch.ops.fastllama.int8_linear(x, w, scales)
-    return float_linear(x, dequantize_int8_kernel(w, scales))
-
-
-def int8_glu(x: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor) -> Tensor:
-    """silu(x @ w1_float.T) * (x @ w3_float.T) in x's dtype, weights and scales in the kernel layout: one C++ call
-    for few rows (decode; 30 fewer calls and pointwise kernels per step on the default model), else float math."""
-    if x.size(0) <= GEMV_MAX_ROWS:
-        return torch.ops.fastllama.int8_glu(x, w1, s1, w3, s3)
-    return F.silu(int8_linear(x, w1, s1, True)) * int8_linear(x, w3, s3, True)
-
-
-def int4_linear(x: Tensor, w: Tensor, dm: Tensor, use_kernel: bool) -> Tensor:
-    """x (M, K) @ dequantize_int4_kernel(w, dm).T in x's dtype."""
-    if use_kernel and x.size(0) <= GEMV_MAX_ROWS:
-        return torch.ops.fastllama.int4_linear(x, w, dm)
-    return float_linear(x, dequantize_int4_kernel(w, dm))
+    while e is not None and not isinstance(e, NoValidChoicesError):
+        e = getattr(e, "inner_exception", None) or e.__context__
+    return e is not None

@@ -70,13 +70,6 @@ class ModelArgs:
         return asdict(self)
 
     @classmethod
-    def from_name(cls, name: str) -> "ModelArgs":
-        """One of the well-known configs in `transformer_configs`."""
-        if name not in transformer_configs:
-            raise ValueError(f"unknown model name {name!r}; known: {sorted(transformer_configs)}")
-        return cls(**transformer_configs[name])
-
-    @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         """Translate a Hugging Face `config.json` (llama, mistral or qwen2) into ModelArgs."""
         model_type = cfg.get("model_type")
@@ -116,28 +109,6 @@ class ModelArgs:
             block_size=cfg.get("max_position_embeddings", 2048),
             sliding_window=window,
         )
-
-
-_LLAMA31_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-transformer_configs = {
-    "Llama-2-7b": dict(n_layer=32, n_head=32, dim=4096, block_size=4096),
-    "Llama-2-13b": dict(n_layer=40, n_head=40, dim=5120, block_size=4096),
-    "Llama-2-70b": dict(n_layer=80, n_head=64, n_kv_heads=8, dim=8192, intermediate_size=28672, block_size=4096),
-    "CodeLlama-7b": dict(n_layer=32, n_head=32, dim=4096, vocab_size=32016, rope_base=1e6, block_size=16384),
-    "TinyLlama-1.1B": dict(n_layer=22, n_head=32, n_kv_heads=4, dim=2048, intermediate_size=5632),
-    "Mistral-7B": dict(n_layer=32, n_head=32, n_kv_heads=8, dim=4096, intermediate_size=14336, block_size=32768),
-    "Llama-3-8B": dict(n_layer=32, n_head=32, n_kv_heads=8, dim=4096, intermediate_size=14336,
-                       vocab_size=128256, rope_base=500000.0, block_size=8192),
-    "Llama-3.1-8B": dict(n_layer=32, n_head=32, n_kv_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256,
-                         rope_base=500000.0, rope_scaling=_LLAMA31_ROPE, block_size=131072),
-    "Llama-3.2-1B": dict(n_layer=16, n_head=32, n_kv_heads=8, dim=2048, intermediate_size=8192, vocab_size=128256,
-                         rope_base=500000.0, tie_embeddings=True, block_size=131072,
-                         rope_scaling=dict(_LLAMA31_ROPE, factor=32.0)),
-    "SmolLM2-135M": dict(n_layer=30, n_head=9, n_kv_heads=3, dim=576, intermediate_size=1536, vocab_size=49152,
-                         rope_base=100000.0, tie_embeddings=True, block_size=8192),
-    "Qwen2.5-0.5B": dict(n_layer=24, n_head=14, n_kv_heads=2, dim=896, intermediate_size=4864, vocab_size=151936,
-                         rope_base=1e6, norm_eps=1e-6, tie_embeddings=True, attention_bias=True, block_size=32768),
-}
 
 
 def precompute_freqs_cis(seq_len: int, head_dim: int, base: float, rope_scaling: dict | None = None) -> Tensor:
@@ -198,6 +169,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return (p.view(B, KV, rep * T, -1) @ v).view(B, H, T, D)
 
 
+def fit_context(prompt_len: int, max_new_tokens: int, context: int, room: int = 0) -> int:
+    """How many of max_new_tokens fit in `context` positions after a prompt of prompt_len tokens and `room` positions
+    a decoding scheme needs beyond them (speculation's guesses); ValueError, with both lengths, when the prompt alone
+    does not fit."""
+    if prompt_len + room >= context:
+        extra = f" ({room} of them kept for speculation)" if room else ""
+        raise ValueError(f"the prompt has {prompt_len} tokens but the context holds {context}{extra}; shorten the "
+                         "prompt or use a longer context")
+    return min(max_new_tokens, context - prompt_len - room)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -221,6 +203,16 @@ class KVCache(nn.Module):
         self.k_cache[:B, :, input_pos] = k
         self.v_cache[:B, :, input_pos] = v
         return self.k_cache[:B], self.v_cache[:B]
+
+    def read(self, row: int, length: int) -> tuple[Tensor, Tensor]:
+        """Copies of the first `length` positions of batch row `row`: k, v (n_kv, length, D)."""
+        return self.k_cache[row, :, :length].clone(), self.v_cache[row, :, :length].clone()
+
+    def write(self, row: int, k: Tensor, v: Tensor) -> None:
+        """Fill the first positions of batch row `row` with k, v (n_kv, P, D), e.g. a prefix read earlier."""
+        P = k.size(1)
+        self.k_cache[row, :, :P] = k.to(self.k_cache.device)
+        self.v_cache[row, :, :P] = v.to(self.v_cache.device)
 
 
 class Attention(nn.Module):
@@ -290,9 +282,26 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+            self.tie_weights()
         self.max_batch_size = -1
         self.max_seq_length = -1
+
+    def tie_weights(self) -> None:
+        """Tied embeddings: the output layer reads the embedding's own tensors (its weight, and a quantized one's
+        scales). Called at construction and again after load_state_dict(assign=True), which unties them."""
+        for name, t in [*self.tok_embeddings.named_parameters(recurse=False),
+                        *self.tok_embeddings.named_buffers(recurse=False)]:
+            setattr(self.output, name, t)
+
+    @property
+    def device(self) -> torch.device:
+        """Where token ids go in: the embedding's device (the first stage when layers sit on several devices)."""
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype, which the KV cache takes too (an int8 embedding's weight is not)."""
+        return self.norm.weight.dtype
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
         """Allocate each layer's KV cache beside it, the rotary table and mask beside the embedding."""
@@ -301,7 +310,7 @@ class Transformer(nn.Module):
         if self.max_batch_size >= max_batch_size and self.max_seq_length == max_seq_length:
             return
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
-        dtype, device = self.norm.weight.dtype, self.tok_embeddings.weight.device
+        dtype, device = self.dtype, self.device
         c = self.config
         for block in self.layers:  # each block's own heads (fewer under tensor parallelism) and device
             a, w = block.attention, block.attention_norm.weight

@@ -4,41 +4,39 @@ Within a process, `generate.generate_cached` reuses whatever prefix of a prompt 
 Across processes, `save` writes the first P positions of every layer's KV cache with the P tokens they
 hold, and `load` reads them back, after checking that the file was made with the same checkpoint, the
 same tokenizer and the same cache dtype (anything else would give silently wrong outputs); `restore`
-writes them into a model's cache.
+writes them into a model's cache. `setup` does whichever a run asks for.
 """
 import hashlib
 import pickle
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from checkpoint import checkpoint_files
+from checkpoint import Checkpoint
 from tokenizer import tokenizer_fingerprint
 
 FORMAT_VERSION = 1
 
 
-def fingerprint(checkpoint_path, model) -> dict:
+def fingerprint(ckpt: Checkpoint, model) -> dict:
     """What a prefix cache depends on: the checkpoint (config + weights file), its tokenizer, the cache dtype."""
-    weights, config = checkpoint_files(checkpoint_path)
-    h = hashlib.sha256(config.read_bytes())
-    size = weights.stat().st_size
-    with open(weights, "rb") as f:  # the file's size and its first and last MiB: cheap even for 100 GB files
+    h = hashlib.sha256(ckpt.config_file.read_bytes())
+    size = ckpt.weights.stat().st_size
+    with open(ckpt.weights, "rb") as f:  # the file's size and its first and last MiB: cheap even for 100 GB files
         h.update(f.read(1 << 20))
         f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     h.update(str(size).encode())
-    dtype = model.norm.weight.dtype  # what setup_caches gives the KV cache
-    return {"checkpoint": h.hexdigest(), "tokenizer": tokenizer_fingerprint(checkpoint_path), "dtype": str(dtype)}
+    return {"checkpoint": h.hexdigest(), "tokenizer": tokenizer_fingerprint(ckpt.folder), "dtype": str(model.dtype)}
 
 
 def save(path: Path, model, tokens: list[int], text: str, fp: dict) -> None:
     """Write the KV of positions 0..len(tokens)-1 (batch row 0), the tokens and the prefix text."""
-    P = len(tokens)
-    caches = [b.attention.kv_cache for b in model.layers]
+    kv = [b.attention.kv_cache.read(0, len(tokens)) for b in model.layers]  # (n_kv_heads, P, head_dim) each
     torch.save({"version": FORMAT_VERSION, "fingerprint": fp, "tokens": tokens, "text": text,
-                "k": [c.k_cache[0, :, :P].clone() for c in caches],  # (n_kv_heads, P, head_dim) each
-                "v": [c.v_cache[0, :, :P].clone() for c in caches]}, path)
+                "k": [k for k, _ in kv], "v": [v for _, v in kv]}, path)
 
 
 def load(path: Path, fp: dict) -> dict:
@@ -61,10 +59,25 @@ def load(path: Path, fp: dict) -> dict:
 
 def restore(model, data: dict) -> list[int]:
     """Fill the start of the KV cache (batch row 0) from load()'s data; return the tokens it holds."""
-    P = len(data["tokens"])
-    assert P <= model.max_seq_length, "setup_caches with room for the prefix"
+    assert len(data["tokens"]) <= model.max_seq_length, "setup_caches with room for the prefix"
     for block, k, v in zip(model.layers, data["k"], data["v"]):
-        cache = block.attention.kv_cache
-        cache.k_cache[0, :, :P] = k.to(cache.k_cache.device)
-        cache.v_cache[0, :, :P] = v.to(cache.v_cache.device)
+        block.attention.kv_cache.write(0, k, v)
     return list(data["tokens"])
+
+
+def setup(model, tokenizer, text: str, saved: dict | None, save_path: Path | None, fp: dict, prefill_step: Callable,
+          log: Callable) -> list[int]:
+    """Put the prefix's KV into the cache (from saved data when it holds this text, else by prefilling it, then
+    saving it to save_path if given); return the tokens the cache holds. prefill_step is generate.py's."""
+    t0 = time.perf_counter()
+    ids = tokenizer.encode(text)
+    if saved is not None and (not text or saved["tokens"] == ids):
+        cached = restore(model, saved)
+        log(f"prefix: {len(cached)} tokens loaded from the cache file in {time.perf_counter() - t0:.2f} s")
+        return cached
+    prefill_step(model, torch.tensor([ids], device=model.device), torch.arange(len(ids), device=model.device))
+    log(f"prefix: {len(ids)} tokens prefilled in {time.perf_counter() - t0:.2f} s")
+    if save_path is not None:
+        save(save_path, model, ids, text, fp)
+        log(f"prefix cache written to {save_path}")
+    return ids

@@ -14,20 +14,11 @@ References: gpt-fast generate.py (speculative_decode); prompt lookup decoding,
 https://github.com/apoorvumang/prompt-lookup-decoding
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from generate import decode_one_token, logits_to_probs, prefill
-
-
-def token_probs(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None) -> Tensor:
-    """The distributions (T, vocab) that `generate.sample` draws from, for logits (T, vocab)."""
-    if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
-    return logits_to_probs(logits, temperature, top_k, top_p)
 
 
 def accept(p: Tensor, q: Tensor, guess: Tensor) -> tuple[int, int]:
@@ -57,11 +48,6 @@ def lookup(seq: list[int], ngram: int, k: int) -> list[int]:
     return []
 
 
-def verify(model, x: Tensor, input_pos: Tensor, **sampling) -> Tensor:
-    """The target's distributions (T, vocab) at each of the tokens x (1, T) at positions input_pos (T,)."""
-    return token_probs(model(x, input_pos)[0], **sampling)
-
-
 @dataclass
 class Stats:
     rounds: int = 0  # target forward passes after prefill
@@ -75,14 +61,16 @@ class Stats:
 
 
 @torch.no_grad()
-def speculative_generate(model, prompt: Tensor, max_new_tokens: int, *, k: int, draft=None,
-                         prompt_lookup: int | None = None, stop_ids=(), callback=None, prefill_step=prefill,
-                         verify_step=verify, draft_step=decode_one_token, stats: Stats | None = None,
-                         **sampling) -> Tensor:
+def speculative_generate(model, prompt: Tensor, max_new_tokens: int, *, k: int, prefill_step: Callable,
+                         verify_step: Callable, draft_step: Callable, draft=None, prompt_lookup: int | None = None,
+                         stop_ids=(), callback=None, stats: Stats | None = None, **sampling) -> Tensor:
     """Generate up to max_new_tokens after prompt (T,) with k guesses per target pass; new tokens (1, N).
 
-    Guesses come from the draft model when given, else from prompt lookup of n-grams up to prompt_lookup.
-    Caches must hold len(prompt) + max_new_tokens + k positions. callback(tokens (1, 1)) sees each token.
+    The steps are generate.py's (or their compiled forms): prefill_step(model, x, input_pos, **sampling) -> the
+    first token (1, 1); verify_step(model, x (1, T), input_pos, **sampling) -> the target's distributions (T, vocab);
+    draft_step(draft, token (1, 1), input_pos, **sampling) -> (token, distribution). Guesses come from the draft
+    model when given, else from prompt lookup of n-grams up to prompt_lookup. Caches must hold
+    len(prompt) + max_new_tokens + k positions. callback(tokens (1, 1)) sees each token.
     """
     assert (draft is None) != (prompt_lookup is None), "one proposer: a draft model or prompt lookup"
     device, T = prompt.device, prompt.numel()
@@ -90,8 +78,8 @@ def speculative_generate(model, prompt: Tensor, max_new_tokens: int, *, k: int, 
     stats = stats if stats is not None else Stats()
     vocab = model.config.vocab_size
     token = prefill_step(model, prompt.view(1, -1), torch.arange(T, device=device), **sampling)
-    if draft is not None:
-        prefill(draft, prompt.view(1, -1), torch.arange(T, device=device))
+    if draft is not None:  # the draft's cache gets the prompt; its logits are not needed
+        draft(prompt.view(1, -1).to(draft.device), torch.arange(T, device=draft.device), last_only=True)
     seq, out = prompt.tolist() + [int(token)], [int(token)]
     pos = T  # position of `token`, not yet in the caches
     while True:

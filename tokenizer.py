@@ -1,6 +1,6 @@
 """Tokenizers for the checkpoints fastllama runs: Hugging Face tokenizer.json, sentencepiece and tiktoken.
 
-`get_tokenizer(path)` picks one from the files in a checkpoint folder:
+`get_tokenizer(folder)` picks one from the files in a checkpoint folder:
   tokenizer.json   -> the `tokenizers` library (most HF repos, and what scripts/convert_gguf.py writes)
   tokenizer.model  -> sentencepiece (Llama 2, Mistral, TinyLlama) or tiktoken (Llama 3, base64 ranks)
 Every tokenizer has encode / decode, bos_id, stop_ids and apply_chat_template; the chat template is
@@ -16,7 +16,8 @@ from pathlib import Path
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
 
 LLAMA2_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
     "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
     "{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ bos_token + '[INST] ' + (system if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
@@ -24,7 +25,8 @@ LLAMA2_TEMPLATE = (
 )
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim "
+    "+ '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -75,6 +77,22 @@ class Tokenizer:
     def _stop_ids_from(self, extra_ids=()) -> set[int]:
         ids = {self.token_to_id(t) for t in (self.eos_token, *END_OF_TURN_TOKENS) if t}
         return {i for i in ids | set(extra_ids) if i is not None}
+
+
+class Detokenizer:
+    """The text of a growing list of token ids, piece by piece: push(id) returns the text that id completes, holding
+    back a trailing incomplete UTF-8 character (decoded as U+FFFD) until the tokens that finish it arrive."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.done = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.done = text[self.done:], len(text)
+        return new
 
 
 def _read_json(path: Path) -> dict:
@@ -193,24 +211,24 @@ class TiktokenTokenizer(Tokenizer):
         return ids[0] if len(ids) == 1 else None
 
 
-def tokenizer_file(path) -> Path:
-    """The tokenizer file of a checkpoint folder (or of the folder of a model.pth given directly)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
+def tokenizer_file(folder) -> Path:
+    """The tokenizer file of a checkpoint folder (Checkpoint.folder)."""
+    folder = Path(folder)
     for name in ("tokenizer.json", "tokenizer.model"):
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {folder}; re-run scripts/prepare.sh for this model")
+    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {folder}; re-run scripts/prepare.sh for this "
+                            "model")
 
 
-def tokenizer_fingerprint(path) -> str:
-    """sha256 of a checkpoint's tokenizer file: equal fingerprints mean the same text <-> id mapping."""
-    return hashlib.sha256(tokenizer_file(path).read_bytes()).hexdigest()
+def tokenizer_fingerprint(folder) -> str:
+    """sha256 of a checkpoint folder's tokenizer file: equal fingerprints mean the same text <-> id mapping."""
+    return hashlib.sha256(tokenizer_file(folder).read_bytes()).hexdigest()
 
 
-def get_tokenizer(path) -> Tokenizer:
-    """The tokenizer stored in a checkpoint folder (or beside a model.pth / tokenizer file given directly)."""
-    file = tokenizer_file(path)
+def get_tokenizer(folder) -> Tokenizer:
+    """The tokenizer stored in a checkpoint folder (Checkpoint.folder)."""
+    file = tokenizer_file(folder)
     if file.name == "tokenizer.json":
         return HFTokenizer(file.parent)
     if re.match(rb"[A-Za-z0-9+/=]+ \d+\n", file.read_bytes()[:256]):

@@ -12,6 +12,7 @@ the kernels repack it. Backend: NCCL on CUDA, gloo on CPU. Rank, world size and 
 References: gpt-fast tp.py; Megatron-LM, Shoeybi et al. 2019 (arXiv:1909.08053).
 """
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,11 @@ def rank0_print(*args, **kwargs) -> None:
     """print on rank 0 only (every rank computes the same tokens)."""
     if world()[0] == 0:
         print(*args, **kwargs)
+
+
+def log(*args) -> None:
+    """A note for people (progress, speed, warnings) on stderr, from rank 0 only."""
+    rank0_print(*args, file=sys.stderr, flush=True)
 
 
 def init(device: torch.device) -> torch.device:
@@ -131,6 +137,18 @@ def split_layers(model: nn.Module, devices: list[torch.device]) -> list[tuple[to
     model.norm.to(devices[-1])
     model.output.to(devices[-1])
     return stages
+
+
+def place(device: torch.device, stage_devices: list[torch.device] | None) -> tuple[torch.device, object, list]:
+    """Where a model goes: (the device token ids go to, the load transform that shards or splits it, the stages
+    (device, layers) a split fills in once the transform has run). One device; torchrun's ranks, each with its
+    slice of every layer (shard); or runs of layers on several devices in sequence (split_layers)."""
+    if stage_devices is not None:
+        if world()[1] > 1:
+            raise ValueError("--devices splits layers within one process; with torchrun leave it out")
+        stages = []
+        return stage_devices[0], lambda model: stages.extend(split_layers(model, stage_devices)), stages
+    return init(device), shard if world()[1] > 1 else None, []
 
 
 def stage_bytes(model: nn.Module, layers: range) -> int:

@@ -15,14 +15,17 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import save_checkpoint  # noqa: E402
 from convert_hf_checkpoint import layer_names  # noqa: E402
+
+from checkpoint import Checkpoint, Format, Quantization, save_checkpoint  # noqa: E402
+from layers import pack_int4  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
 TENSOR_MAP = {
@@ -101,7 +104,8 @@ def gguf_blocks(tensor) -> tuple[str, np.ndarray]:
 
 def _halves(raw: np.ndarray, offset: int) -> torch.Tensor:
     """The float16 field at byte offset of every block, as float32 (N, K // 32)."""
-    return torch.from_numpy(np.ascontiguousarray(raw[..., offset:offset + 2]).view(np.float16)[..., 0].astype(np.float32))
+    field = np.ascontiguousarray(raw[..., offset:offset + 2]).view(np.float16)[..., 0]
+    return torch.from_numpy(field.astype(np.float32))
 
 
 def q4_blocks_to_int4(tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +115,6 @@ def q4_blocks_to_int4(tensor) -> tuple[torch.Tensor, torch.Tensor]:
     z = m + 8 d (Q4_1) or 0 (Q4_0): the same numbers, no rounding. In a block, byte j holds element j
     in its low nibble and element j + 16 in its high nibble.
     """
-    from quantize import pack_int4
-
     kind, raw = gguf_blocks(tensor)
     N, B = raw.shape[:2]
     d = _halves(raw, 0)
@@ -131,7 +133,7 @@ def q8_blocks_to_int8(tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, _halves(raw, 0)
 
 
-def quantized_layout(reader) -> dict | None:
+def quantized_layout(reader) -> Quantization | None:
     """The quantization entry for importing a GGUF without dequantizing, or None if its types don't allow it.
 
     Every linear layer must be Q4_0/Q4_1 (-> int4 group 32) or every one Q8_0 (-> int8 per block of 32),
@@ -142,25 +144,26 @@ def quantized_layout(reader) -> dict | None:
     if ends != {"Q8_0"}:
         return None
     if layers <= {"Q4_0", "Q4_1"}:
-        return {"mode": "int4", "groupsize": 32, "int8_groupsize": 32, "embedding": "int8", "output": "int8"}
+        return Quantization("int4", groupsize=32, int8_groupsize=32)
     if layers == {"Q8_0"}:
-        return {"mode": "int8", "groupsize": None, "int8_groupsize": 32, "embedding": "int8", "output": "int8"}
+        return Quantization("int8", int8_groupsize=32)
     return None
 
 
-def convert_quantized_tensors(reader, args: ModelArgs, quantization: dict) -> dict:
+def convert_quantized_tensors(reader, args: ModelArgs, quantization: Quantization) -> dict:
     """Our quantized state dict straight from the GGUF blocks (see quantized_layout)."""
     tensors = {t.name: t for t in reader.tensors}
     sd = {}
 
     def linear(dst: str, srcs: list[str]) -> None:
-        if quantization["mode"] == "int4":
+        if quantization.kind == "int4":
             parts = [q4_blocks_to_int4(tensors[s]) for s in srcs]
             sd[f"{dst}.weight"] = torch.cat([p[0] for p in parts])
             sd[f"{dst}.scales_and_zeros"] = torch.cat([p[1] for p in parts], dim=1)
         else:
             parts = [q8_blocks_to_int8(tensors[s]) for s in srcs]
-            sd[f"{dst}.weight"], sd[f"{dst}.scales"] = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            sd[f"{dst}.weight"] = torch.cat([p[0] for p in parts])
+            sd[f"{dst}.scales"] = torch.cat([p[1] for p in parts])
 
     for src, dst in layer_names(TENSOR_MAP, args.n_layer):
         if src not in tensors:
@@ -173,13 +176,11 @@ def convert_quantized_tensors(reader, args: ModelArgs, quantization: dict) -> di
             linear(dst.removesuffix(".weight"), [src])
     for i in range(args.n_layer):
         linear(f"layers.{i}.attention.wqkv", [f"blk.{i}.attn_{p}.weight" for p in "qkv"])
-    if args.tie_embeddings:
-        sd["output.weight"], sd["output.scales"] = sd["tok_embeddings.weight"], sd["tok_embeddings.scales"]
     return sd
 
 
 def convert_tensors(reader, args: ModelArgs) -> dict:
-    """model.py state dict from the GGUF tensors; q, k, v fused into wqkv."""
+    """model.py state dict from the GGUF tensors; q, k, v fused into wqkv (a tied model has no output.weight)."""
     tensors = {t.name: t for t in reader.tensors}
     sd = {}
     for src, dst in layer_names(TENSOR_MAP, args.n_layer):
@@ -189,8 +190,6 @@ def convert_tensors(reader, args: ModelArgs) -> dict:
         sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
             [dequantize(tensors[f"blk.{i}.attn_{p}.weight"]) for p in "qkv"]
         )
-    if args.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
     return sd
 
 
@@ -217,7 +216,8 @@ def build_tokenizer_json(meta: dict) -> str:
     elif pre in ("default", "gpt2", "gpt-2"):
         tok.pre_tokenizer = byte_level
     else:
-        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: gpt2, llama-bpe, {', '.join(DIGITS_THEN_GPT2)}")
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: gpt2, llama-bpe, "
+                         f"{', '.join(DIGITS_THEN_GPT2)}")
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or []
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
@@ -259,14 +259,12 @@ def convert_gguf(gguf_file: Path, checkpoint_dir: Path) -> Path:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     (checkpoint_dir / "tokenizer.json").write_text(build_tokenizer_json(meta))
     (checkpoint_dir / "tokenizer_config.json").write_text(json.dumps(build_tokenizer_config(meta), indent=2) + "\n")
-    qtypes = sorted({t.tensor_type.name for t in reader.tensors})
-    fmt = {"dtype": "float32", "source": "gguf", "gguf_file": gguf_file.name, "gguf_tensor_types": qtypes,
-           "name": re.sub(r"\s+", " ", str(meta.get("general.name", "")))}
+    fmt = Format("float32", "gguf", re.sub(r"\s+", " ", str(meta.get("general.name", ""))) or None)
     weights = save_checkpoint(checkpoint_dir, sd, args, fmt)
     quantization = quantized_layout(reader)
     if quantization is not None:  # the file's own quantized weights too, as model_gguf.pth
         qsd = convert_quantized_tensors(reader, args, quantization)
-        save_checkpoint(checkpoint_dir, qsd, args, dict(fmt, quantization=quantization), weights_name=GGUF_WEIGHTS)
+        save_checkpoint(checkpoint_dir, qsd, args, replace(fmt, quantization=quantization), weights_name=GGUF_WEIGHTS)
     return weights
 
 
@@ -280,7 +278,8 @@ def gguf_tokenizer_metadata(folder: Path) -> dict:
     tj = json.loads((folder / "tokenizer.json").read_text()) if (folder / "tokenizer.json").is_file() else {}
     model = tj.get("model", {})
     if model.get("type") != "BPE":
-        raise ValueError(f"GGUF export needs a byte-level BPE tokenizer.json in {folder}; sentencepiece models are not exported")
+        raise ValueError(f"GGUF export needs a byte-level BPE tokenizer.json in {folder}; sentencepiece models are "
+                         "not exported")
     ids = dict(model["vocab"], **{t["content"]: t["id"] for t in tj.get("added_tokens", [])})
     tokens = [f"[PAD{i}]" for i in range(max(ids.values()) + 1)]
     for t, i in ids.items():
@@ -297,20 +296,18 @@ def export_gguf(checkpoint_path: Path, out: Path, dtype: str = "F32") -> Path:
     """Write a float fastllama checkpoint as a llama GGUF of F32 or BF16 tensors (norms stay F32)."""
     import gguf
 
-    from checkpoint import checkpoint_files, load_state_dict, read_config
-
     if dtype not in EXPORT_TYPES:
         raise ValueError(f"GGUF export type {dtype!r} is not supported; choose from {', '.join(EXPORT_TYPES)}")
-    weights, _ = checkpoint_files(checkpoint_path)
-    args, fmt = read_config(weights)
-    if fmt.get("quantization"):
+    ckpt = Checkpoint.open(checkpoint_path)
+    weights, args = ckpt.weights, ckpt.args
+    if ckpt.quantization is not None:
         raise ValueError(f"{weights} is quantized; export its float checkpoint (llama.cpp quantizes that itself)")
     if args.rope_scaling or args.attention_bias or args.sliding_window:
         raise ValueError("GGUF export covers plain llama models only (no rope scaling, qkv bias or sliding window)")
-    tok = gguf_tokenizer_metadata(weights.parent)
-    sd = load_state_dict(weights)
+    tok = gguf_tokenizer_metadata(ckpt.folder)
+    sd = ckpt.state_dict()
     w = gguf.GGUFWriter(str(out), "llama")
-    w.add_name(str(fmt.get("name") or weights.parent.name))
+    w.add_name(ckpt.format.name or ckpt.folder.name)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32" else gguf.LlamaFileType.MOSTLY_BF16)
     w.add_block_count(args.n_layer)
     w.add_context_length(args.block_size)

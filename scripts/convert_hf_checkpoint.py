@@ -11,12 +11,13 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import save_checkpoint  # noqa: E402
+from checkpoint import Format, save_checkpoint  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
 WEIGHT_MAP = {
@@ -86,14 +87,14 @@ def convert_state_dict(hf: dict, args: ModelArgs) -> dict:
             sd[f"layers.{i}.attention.wqkv.{kind}"] = torch.cat([q, k, v])
     for src, dst in layer_names(WEIGHT_MAP, args.n_layer):
         if src in hf:
-            sd[dst] = hf[src]
             used.add(src)
-    if args.tie_embeddings or "output.weight" not in sd:
-        sd["output.weight"] = sd["tok_embeddings.weight"]  # the same tensor: stored once by torch.save
+            if not (dst == "output.weight" and args.tie_embeddings):  # a tied model's copy of its embedding
+                sd[dst] = hf[src]
     unused = sorted(k for k in set(hf) - used if not k.endswith("rotary_emb.inv_freq"))
     if unused:
-        raise ValueError(f"the checkpoint has weights this model does not use, e.g. {unused[:3]}; refusing to drop them")
-    return sd
+        raise ValueError(f"the checkpoint has weights this model does not use, e.g. {unused[:3]}; "
+                         "refusing to drop them")
+    return sd  # a tied model's output layer is its embedding (save_checkpoint)
 
 
 def interleaved_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -103,7 +104,8 @@ def interleaved_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Ten
 
 
 def to_hf_state_dict(sd: dict, args: ModelArgs) -> dict:
-    """model.py state dict -> Hugging Face Llama/Qwen2 names (the inverse of convert_state_dict)."""
+    """model.py state dict -> Hugging Face Llama/Qwen2 names (the inverse of convert_state_dict); no lm_head when
+    tied, as transformers saves such models."""
     hf = {}
     q_size, kv_size = args.n_head * args.head_dim, args.n_kv_heads * args.head_dim
     for i in range(args.n_layer):
@@ -117,7 +119,8 @@ def to_hf_state_dict(sd: dict, args: ModelArgs) -> dict:
             hf[f"{prefix}k_proj.{kind}"] = interleaved_to_hf(k, args.n_kv_heads, args.head_dim)
             hf[f"{prefix}v_proj.{kind}"] = v
     for dst, src in layer_names(WEIGHT_MAP, args.n_layer):
-        hf[dst] = sd[src]
+        if not (src == "output.weight" and args.tie_embeddings):
+            hf[dst] = sd[src]
     return hf
 
 
@@ -145,13 +148,14 @@ def convert_hf_checkpoint(checkpoint_dir: Path) -> Path:
     cfg = json.loads(config_file.read_text())
     args = ModelArgs.from_hf_config(cfg)
     hf = read_hf_weights(checkpoint_dir)
+    if "lm_head.weight" not in hf and not args.tie_embeddings:  # no output layer of its own: it reads the embedding
+        args = replace(args, tie_embeddings=True)
     sd = convert_state_dict(hf, args)
     dtypes = {t.dtype for t in sd.values()}
     original_tok = checkpoint_dir / "original" / "tokenizer.model"  # Llama 3: the tiktoken file
     if original_tok.is_file() and not (checkpoint_dir / "tokenizer.model").exists():
         shutil.copy(original_tok, checkpoint_dir / "tokenizer.model")
-    fmt = {"dtype": str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "mixed",
-           "source": "huggingface", "model_type": cfg["model_type"]}
+    fmt = Format(str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "mixed", "huggingface")
     return save_checkpoint(checkpoint_dir, sd, args, fmt)
 
 

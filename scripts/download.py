@@ -15,8 +15,12 @@ PATTERNS = ["*.json", "*.jinja", "tokenizer.model", "original/tokenizer.model"]
 def download(repo_id: str, out_dir: Path, hf_token: str | None = None) -> Path:
     """snapshot_download repo_id into out_dir; RuntimeError with one clear line on failure."""
     from huggingface_hub import list_repo_files, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     token = hf_token or os.environ.get("HF_TOKEN")
     try:
@@ -24,7 +28,8 @@ def download(repo_id: str, out_dir: Path, hf_token: str | None = None) -> Path:
         weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["pytorch_model*.bin"]
         snapshot_download(repo_id, local_dir=out_dir, token=token, allow_patterns=PATTERNS + weights)
     except GatedRepoError:
-        raise RuntimeError(f"{repo_id} is gated: accept its license on the hub, then pass --hf_token or set HF_TOKEN") from None
+        raise RuntimeError(f"{repo_id} is gated: accept its license on the hub, then pass --hf_token or set "
+                           "HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise RuntimeError(f"{repo_id} not found on the hub (or private: pass --hf_token)") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):

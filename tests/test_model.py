@@ -1,10 +1,10 @@
 """The pure functions of model.py and generate.py, and ModelArgs, each on its own."""
 import pytest
 import torch
+from convert_hf_checkpoint import hf_to_interleaved
 
 from generate import logits_to_probs, sample
 from model import ModelArgs, apply_rope_scaling, apply_rotary_emb, precompute_freqs_cis, rms_norm
-from convert_hf_checkpoint import hf_to_interleaved
 
 
 def test_rotary_matches_rotate_half_after_permute():
@@ -77,7 +77,36 @@ def test_model_args_from_hf_config_and_errors():
         ModelArgs.from_dict({"dim": 8, "n_heads": 2})
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         ModelArgs(n_head=4, n_kv_heads=3, dim=32)
-    with pytest.raises(ValueError, match="known:"):
-        ModelArgs.from_name("Llama-9")
-    assert ModelArgs.from_name("SmolLM2-135M").head_dim == 64
     assert ModelArgs(dim=4096).intermediate_size == 11008  # the Llama-2-7B rule
+
+
+PUBLISHED_PARAMETERS = {  # the parameter counts their model cards and safetensors indexes give
+    "huggyllama/llama-7b": 6_738_415_616, "huggyllama/llama-13b": 13_015_864_320,
+    "huggyllama/llama-30b": 32_528_943_616, "huggyllama/llama-65b": 65_285_660_672,
+    "meta-llama/Llama-2-7b-hf": 6_738_415_616, "meta-llama/Llama-2-13b-hf": 13_015_864_320,
+    "meta-llama/Llama-2-70b-hf": 68_976_648_192, "codellama/CodeLlama-7b-hf": 6_738_546_688,
+    "codellama/CodeLlama-13b-hf": 13_016_028_160, "codellama/CodeLlama-34b-hf": 33_743_970_304,
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": 1_100_048_384, "mistralai/Mistral-7B-v0.1": 7_241_732_096,
+    "meta-llama/Meta-Llama-3-8B": 8_030_261_248, "meta-llama/Llama-3.1-8B": 8_030_261_248,
+    "meta-llama/Llama-3.1-70B": 70_553_706_496, "meta-llama/Llama-3.2-1B": 1_235_814_400,
+    "meta-llama/Llama-3.2-3B": 3_212_749_824, "HuggingFaceTB/SmolLM2-135M": 134_515_008,
+    "HuggingFaceTB/SmolLM2-360M": 361_821_120, "HuggingFaceTB/SmolLM2-1.7B": 1_711_376_384,
+    "Qwen/Qwen2-0.5B": 494_032_768, "Qwen/Qwen2.5-0.5B": 494_032_768, "Qwen/Qwen2-7B": 7_615_616_512,
+}
+
+
+def test_known_configs_have_their_published_sizes():
+    """configs.py's offline table: every entry builds the model whose parameter count its publisher gives, and names
+    are found by repo id or bare name, instruct / chat variants by their base model's config."""
+    from configs import KNOWN, known_config
+    from model import Transformer
+
+    assert PUBLISHED_PARAMETERS.keys() == KNOWN.keys()
+    for name, count in PUBLISHED_PARAMETERS.items():
+        with torch.device("meta"):
+            model = Transformer(known_config(name))
+        assert sum(p.numel() for p in model.parameters()) == count, name
+    assert known_config("SmolLM2-135M-Instruct") == known_config("HuggingFaceTB/SmolLM2-135M")
+    assert known_config("meta-llama/Llama-2-7b-chat-hf") == known_config("Llama-2-7b-hf")
+    with pytest.raises(ValueError, match="unknown model name 'Llama-9'; known: huggyllama/llama-7b"):
+        known_config("Llama-9")

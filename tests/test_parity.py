@@ -1,7 +1,7 @@
 """Our model against Hugging Face transformers on tiny random models converted with our own script."""
 import pytest
 import torch
-from conftest import KINDS, VOCAB, make_hf_model
+from helpers import KINDS, VOCAB, make_hf_model
 
 from generate import generate, load_model
 
@@ -51,13 +51,15 @@ def test_round_trip_to_hf(pair):
     from convert_hf_checkpoint import to_hf_config, to_hf_state_dict
 
     kind, hf, _, folder = pair
-    from checkpoint import load_state_dict, read_config
+    from checkpoint import Checkpoint
 
-    args, _ = read_config(folder)
-    back = to_hf_state_dict(load_state_dict(folder), args)
+    ckpt = Checkpoint.open(folder)
+    args = ckpt.args
+    back = to_hf_state_dict(ckpt.state_dict(), args)
     expected = {k: v for k, v in hf.state_dict().items() if not (kind == "smollm2_tied" and k == "lm_head.weight")}
     assert back.keys() >= expected.keys()
     for k, v in expected.items():
         assert torch.equal(back[k], v), k
     cfg = to_hf_config(args)
-    assert cfg["num_key_value_heads"] == hf.config.num_key_value_heads and cfg["tie_word_embeddings"] == hf.config.tie_word_embeddings
+    assert cfg["num_key_value_heads"] == hf.config.num_key_value_heads
+    assert cfg["tie_word_embeddings"] == hf.config.tie_word_embeddings

@@ -1,13 +1,15 @@
-"""Prefill caching in one process and across processes: identical outputs, checked against the model it was made with."""
+"""Prefill caching in one process and across processes: identical outputs, checked against the model it was made
+with."""
 import shutil
 
 import pytest
 import torch
+from helpers import assert_one_line_error, run_in_process
 
+import generate as gen
 import prefix_cache
-import quantize as qz
+from checkpoint import Checkpoint
 from generate import generate, generate_cached, load_model, prefill
-from test_cli import run
 from tokenizer import get_tokenizer
 
 PREFIX = "import argparse\nparser = argparse.ArgumentParser(description='a tool')\n"
@@ -41,56 +43,54 @@ def test_prefix_reused_in_process_and_across_processes(tiny_llama, tmp_path):
     model = load_model(folder, "cpu", "fp32")
     expected = [from_scratch(model, tok, p) for p in PROMPTS]
     ids = prefill_prefix(model, tok)
-    fp = prefix_cache.fingerprint(folder, model)
+    fp = prefix_cache.fingerprint(Checkpoint.open(folder), model)
     prefix_cache.save(tmp_path / "prefix.pt", model, ids, PREFIX, fp)
     assert with_cache(model, tok, ids) == expected  # one prefill of the prefix, three prompts
     fresh = load_model(folder, "cpu", "fp32")  # as another process would: nothing in its cache yet
     fresh.setup_caches(1, 96)
-    data = prefix_cache.load(tmp_path / "prefix.pt", prefix_cache.fingerprint(folder, fresh))
+    data = prefix_cache.load(tmp_path / "prefix.pt", prefix_cache.fingerprint(Checkpoint.open(folder), fresh))
     assert data["text"] == PREFIX and prefix_cache.restore(fresh, data) == ids
     assert with_cache(fresh, tok, ids) == expected
 
 
-def test_prefix_cache_refuses_another_model_tokenizer_or_precision(tiny_llama, tmp_path):
+def test_prefix_cache_refuses_another_model_tokenizer_or_precision(tiny_llama, tiny_quantized, tmp_path):
     _, folder = tiny_llama
     model = load_model(folder, "cpu", "fp32")
     tok = get_tokenizer(folder)
     path = tmp_path / "prefix.pt"
-    prefix_cache.save(path, model, prefill_prefix(model, tok), PREFIX, prefix_cache.fingerprint(folder, model))
-    int8 = qz.main(checkpoint_path=folder / "model.pth", mode="int8")
+    ckpt = Checkpoint.open(folder)
+    prefix_cache.save(path, model, prefill_prefix(model, tok), PREFIX, prefix_cache.fingerprint(ckpt, model))
+    int8 = Checkpoint.open(tiny_quantized["int8"])
     with pytest.raises(ValueError, match="different checkpoint"):
         prefix_cache.load(path, prefix_cache.fingerprint(int8, load_model(int8, "cpu", "fp32")))
     with pytest.raises(ValueError, match="different precision"):
-        prefix_cache.load(path, prefix_cache.fingerprint(folder, load_model(folder, "cpu", "bf16")))
+        prefix_cache.load(path, prefix_cache.fingerprint(ckpt, load_model(folder, "cpu", "bf16")))
     other = tmp_path / "other_tokenizer"
     shutil.copytree(folder, other)
     (other / "tokenizer.model").write_bytes((folder / "tokenizer.model").read_bytes() + b"\0")
     with pytest.raises(ValueError, match="different tokenizer"):
-        prefix_cache.load(path, prefix_cache.fingerprint(other, model))
+        prefix_cache.load(path, prefix_cache.fingerprint(Checkpoint.open(other), model))
     (tmp_path / "junk.pt").write_bytes(b"not a cache")
     with pytest.raises(ValueError, match="not a fastllama prefix cache"):
         prefix_cache.load(tmp_path / "junk.pt", {})
 
 
-def test_cli_prefix_file_save_and_load(tiny_llama, tmp_path):
+def test_cli_prefix_file_save_and_load(tiny_llama, tmp_path, capsys):
     _, folder = tiny_llama
     common = ["--checkpoint_path", folder, "--device", "cpu", "--precision", "fp32", "--temperature", "0",
               "--max_new_tokens", "10", "--num_samples", "1"]
     prefix = tmp_path / "prefix.txt"
     prefix.write_text(PREFIX)
-    plain = run(*common, *[a for p in PROMPTS for a in ("--prompt", PREFIX + p)])
-    saved = run(*common, "--prefix_file", prefix, "--save_prefix_cache", tmp_path / "c.pt",
-                *[a for p in PROMPTS for a in ("--prompt", p)])
-    loaded = run(*common, "--load_prefix_cache", tmp_path / "c.pt", *[a for p in PROMPTS for a in ("--prompt", p)])
-    for r in (plain, saved, loaded):
-        assert r.returncode == 0, r.stderr
-    assert "tokens prefilled" in saved.stderr and "loaded from the cache file" in loaded.stderr
+    plain = run_in_process(capsys, gen, *common, *[a for p in PROMPTS for a in ("--prompt", PREFIX + p)])
+    saved = run_in_process(capsys, gen, *common, "--prefix_file", prefix, "--save_prefix_cache", tmp_path / "c.pt",
+                           *[a for p in PROMPTS for a in ("--prompt", p)])
+    loaded = run_in_process(capsys, gen, *common, "--load_prefix_cache", tmp_path / "c.pt",
+                            *[a for p in PROMPTS for a in ("--prompt", p)])
+    for code, _, err in (plain, saved, loaded):
+        assert code == 0, err
+    assert "tokens prefilled" in saved[2] and "loaded from the cache file" in loaded[2]
     # same continuations: plain prints the prefix with each prompt, the cached runs the prompt alone
-    assert plain.stdout.replace(PREFIX, "") == saved.stdout == loaded.stdout
-    assert plain.stdout.count("\n") >= len(PROMPTS)
-    bad = run(*common, "--save_prefix_cache", tmp_path / "d.pt")
-    assert bad.returncode != 0 and bad.stderr.strip() == "error: --save_prefix_cache needs the prefix text: add --prefix_file F"
-    other = run(*common, "--precision", "bf16", "--load_prefix_cache", tmp_path / "c.pt")
-    last = other.stderr.strip().splitlines()[-1]
-    assert other.returncode != 0 and last.startswith("error:") and "different precision" in last
-    assert "Traceback" not in other.stderr
+    assert plain[1].replace(PREFIX, "") == saved[1] == loaded[1]
+    assert plain[1].count("\n") >= len(PROMPTS)
+    code, _, err = run_in_process(capsys, gen, *common, "--precision", "bf16", "--load_prefix_cache", tmp_path / "c.pt")
+    assert_one_line_error(code, err, "different precision")

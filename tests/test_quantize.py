@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_model
+from helpers import assert_same_model
 
+import eval as ev
 import kernels
+import layers
 import quantize as qz
-from checkpoint import load_state_dict, read_config, save_checkpoint
+from checkpoint import Checkpoint, Format, save_checkpoint
 from generate import generate, load_model
 
 
@@ -17,13 +19,13 @@ def test_int8_and_int4_round_trip_error_is_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(48, 256)
     q, s = qz.quantize_int8(w)
-    assert q.dtype == torch.int8 and (qz.dequantize_int8(q, s) - w).abs().le(s[:, None] / 2 + 1e-6).all()
+    assert q.dtype == torch.int8 and (layers.dequantize_int8(q, s) - w).abs().le(s[:, None] / 2 + 1e-6).all()
     for g in qz.GROUPSIZES:
         q4, sz = qz.quantize_int4(w, g)
         assert q4.max() <= 15 and sz.shape == (256 // g, 48, 2)
         step = sz[..., 0].T.repeat_interleave(g, dim=1)  # (N, K) scale of each weight's group
-        assert (qz.dequantize_int4(q4, sz, g) - w).abs().le(step / 2 + 1e-5).all()
-        assert torch.equal(qz.unpack_int4(qz.pack_int4(q4)), q4)
+        assert (layers.dequantize_int4(q4, sz, g) - w).abs().le(step / 2 + 1e-5).all()
+        assert torch.equal(layers.unpack_int4(layers.pack_int4(q4)), q4)
     with pytest.raises(ValueError, match="does not divide"):
         qz.quantize_int4(torch.randn(4, 96), 64)
 
@@ -33,21 +35,21 @@ def test_kernels_match_dequantized_reference(dtype, tol):
     torch.manual_seed(0)
     w, x, b = torch.randn(96, 128), torch.randn(2, 5, 128), torch.randn(96)
     q, s = qz.quantize_int8(w)
-    lin8 = qz.Int8Linear(128, 96, bias=True)
+    lin8 = layers.Int8Linear(128, 96, bias=True)
     lin8.weight, lin8.scales, lin8.bias = q, s.to(dtype), torch.nn.Parameter(b.to(dtype))
-    ref8 = F.linear(x, qz.dequantize_int8(q, s.to(dtype)), b)
+    ref8 = F.linear(x, layers.dequantize_int8(q, s.to(dtype)), b)
     torch.testing.assert_close(lin8(x.to(dtype)).float(), ref8, rtol=tol, atol=tol * ref8.abs().max().item())
     for g in (32, 128):
         q4, sz = qz.quantize_int4(w, g)
-        lin4 = qz.Int4Linear(128, 96, g)
-        lin4.weight, lin4.scales_and_zeros = qz.pack_int4(q4), sz.to(dtype)
+        lin4 = layers.Int4Linear(128, 96, g)
+        lin4.weight, lin4.scales_and_zeros = layers.pack_int4(q4), sz.to(dtype)
         lin4.prepare()
-        ref4 = F.linear(x, qz.dequantize_int4(q4, sz.to(dtype), g))
+        ref4 = F.linear(x, layers.dequantize_int4(q4, sz.to(dtype), g))
         torch.testing.assert_close(lin4(x.to(dtype)).float(), ref4, rtol=tol, atol=tol * ref4.abs().max().item())
-    emb = qz.Int8Embedding(96, 128)
+    emb = layers.Int8Embedding(96, 128)
     emb.weight, emb.scales = q, s
     idx = torch.tensor([[3, 0, 95]])
-    torch.testing.assert_close(emb(idx), qz.dequantize_int8(q, s)[idx])
+    torch.testing.assert_close(emb(idx), layers.dequantize_int8(q, s)[idx])
 
 
 def test_weights_in_huge_pages_keep_values_outputs_and_ties():
@@ -55,18 +57,19 @@ def test_weights_in_huge_pages_keep_values_outputs_and_ties():
     and outputs, new separate storages, tied tensors (int8 buffers, float Parameters) still one."""
     torch.manual_seed(0)
     model = torch.nn.Module()
-    model.tok_embeddings, model.output = qz.Int8Embedding(64, 128), qz.Int8Linear(128, 64)
+    model.tok_embeddings, model.output = layers.Int8Embedding(64, 128), layers.Int8Linear(128, 64)
     model.tok_embeddings.weight, model.tok_embeddings.scales = qz.quantize_int8(torch.randn(64, 128))
-    qz.tie_quantized(model)
-    model.mid = qz.Int4Linear(128, 96, 32)
+    model.output.weight, model.output.scales = model.tok_embeddings.weight, model.tok_embeddings.scales  # tied
+    model.mid = layers.Int4Linear(128, 96, 32)
     q4, sz = qz.quantize_int4(torch.randn(96, 128), 32)
-    model.mid.weight, model.mid.scales_and_zeros = qz.pack_int4(q4), sz
+    model.mid.weight, model.mid.scales_and_zeros = layers.pack_int4(q4), sz
     model.emb, model.head = torch.nn.Embedding(64, 128), torch.nn.Linear(128, 64, bias=False)
     model.head.weight = model.emb.weight
-    model.alias = qz.Int8Embedding(64, 128)
+    model.alias = layers.Int8Embedding(64, 128)
     model.alias.weight, model.alias.scales = model.tok_embeddings.weight, model.tok_embeddings.scales
-    qz.prepare(model)
-    if model.output.kernel == "cpp":  # the output layer got its own copy in the kernel's layout; the embedding kept its rows
+    layers.prepare(model)
+    if model.output.kernel == "cpp":  # the output layer got its own copy in the kernel's layout; the embedding kept
+        # its rows
         q, s = kernels.int8_from_kernel(model.output.weight, model.output.scales)
         assert torch.equal(q, model.tok_embeddings.weight) and torch.equal(s[:, 0], model.tok_embeddings.scales)
     x = torch.randn(1, 128)
@@ -85,29 +88,26 @@ def test_weights_in_huge_pages_keep_values_outputs_and_ties():
         assert torch.equal(y, ref)
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
-def quantized(request, tiny_llama):
-    _, folder = tiny_llama
-    mode = request.param
-    path = qz.main(checkpoint_path=folder / "model.pth", mode=mode, groupsize=32)
-    return mode, folder, path
+@pytest.fixture(params=["int8", "int4"])
+def quantized(request, tiny_llama, tiny_quantized):
+    return request.param, tiny_llama[1], tiny_quantized[request.param]
 
 
 def test_checkpoint_says_what_it_is(quantized):
     mode, folder, path = quantized
-    _, fmt = read_config(path)
-    assert fmt["quantization"]["mode"] == mode and fmt["quantization"]["groupsize"] == (None if mode == "int8" else 32)
-    assert json.loads((folder / "model_config.json").read_text())["format"].get("quantization") is None
-    sd = load_state_dict(path)
+    q = Checkpoint.open(path).quantization
+    assert (q.mode, q.groupsize, q.int8_groupsize) == (mode, None if mode == "int8" else 32, None)
+    assert Checkpoint.open(folder).quantization is None
+    sd = Checkpoint.open(path).state_dict()
     assert sd["layers.0.attention.wqkv.weight"].dtype == (torch.int8 if mode == "int8" else torch.uint8)
     assert sd["tok_embeddings.weight"].dtype == torch.int8
 
 
 def test_quantized_model_matches_dequantized_twin(quantized, tmp_path):
     mode, folder, path = quantized
-    args, fmt = read_config(path)
-    twin = qz.dequantize_state_dict(load_state_dict(path), fmt["quantization"])
-    save_checkpoint(tmp_path, twin, args, {"dtype": "float32"})
+    ckpt = Checkpoint.open(path)
+    twin = qz.dequantize_state_dict(ckpt.state_dict(), ckpt.quantization)
+    save_checkpoint(tmp_path, twin, ckpt.args, Format("float32", "test"))
     q_model, f_model = load_model(path, "cpu", "fp32"), load_model(tmp_path, "cpu", "fp32")
     assert_same_model(q_model, f_model, torch.tensor([[5, 80, 13, 200, 7, 9, 301, 44]]), new_tokens=24, tol=1e-4)
 
@@ -122,19 +122,19 @@ def test_gptq_beats_round_to_nearest_on_layer_output():
     for g in (32, 128):
         q_rtn, sz_rtn = qz.quantize_int4(W, g)
         q_gptq, sz_gptq = qz.gptq_quantize(W, H, g, blocksize=64)
-        err_rtn = (X @ (qz.dequantize_int4(q_rtn, sz_rtn, g) - W).T).pow(2).mean()
-        err_gptq = (X @ (qz.dequantize_int4(q_gptq, sz_gptq, g) - W).T).pow(2).mean()
+        err_rtn = (X @ (layers.dequantize_int4(q_rtn, sz_rtn, g) - W).T).pow(2).mean()
+        err_gptq = (X @ (layers.dequantize_int4(q_gptq, sz_gptq, g) - W).T).pow(2).mean()
         assert err_gptq < 0.8 * err_rtn, (g, err_gptq, err_rtn)
 
 
-def test_gptq_checkpoint_end_to_end(tiny_llama, tmp_path):
+def test_gptq_checkpoint_end_to_end(tiny_llama, tiny_quantized, tmp_path):
     hf, folder = tiny_llama
     calib = tmp_path / "calib.txt"
     calib.write_text(inspect.getsource(qz))
     out = qz.main(checkpoint_path=folder, mode="int4-gptq", groupsize=32, calibration_file=calib,
                   calibration_limit=4, calibration_seq_length=64, output=tmp_path / "gptq" / "model.pth")
-    rtn = qz.main(checkpoint_path=folder, mode="int4", groupsize=32, output=tmp_path / "rtn" / "model.pth")
-    assert read_config(out)[1]["quantization"]["mode"] == "int4-gptq"
+    rtn = tiny_quantized["int4"]  # round to nearest, group 32
+    assert Checkpoint.open(out).quantization.mode == "int4-gptq"
     from tokenizer import get_tokenizer
 
     idx = torch.tensor([get_tokenizer(folder).encode(inspect.getsource(generate))[:48]])  # held-out text
@@ -148,7 +148,7 @@ def test_gptq_checkpoint_end_to_end(tiny_llama, tmp_path):
     assert errors["gptq"] < errors["rtn"], errors
 
 
-def test_quantize_errors(tiny_llama, tmp_path):
+def test_quantize_errors(tiny_llama, tiny_quantized, tmp_path):
     _, folder = tiny_llama
     with pytest.raises(ValueError, match="choose from"):
         qz.main(checkpoint_path=folder, mode="int3")
@@ -156,9 +156,8 @@ def test_quantize_errors(tiny_llama, tmp_path):
         qz.main(checkpoint_path=folder, mode="int4", groupsize=128)  # the tiny model's dim is 64
     with pytest.raises(FileNotFoundError, match="calibration_file"):
         qz.main(checkpoint_path=folder, mode="int4-gptq", calibration_file=tmp_path / "none.txt")
-    int8 = qz.main(checkpoint_path=folder, mode="int8", output=tmp_path / "q" / "model_int8.pth")
     with pytest.raises(ValueError, match="already quantized"):
-        qz.main(checkpoint_path=int8, mode="int4")
+        qz.main(checkpoint_path=tiny_quantized["int8"], mode="int4")
 
 
 TASK_YAML = """task: tiny_facts
@@ -183,10 +182,10 @@ def test_gptq_calibrates_on_local_lm_eval_task(tiny_llama, tmp_path):
     docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny_facts.yaml").write_text(TASK_YAML.format(docs=docs))
-    texts = qz.task_texts(["tiny_facts"], tmp_path / "tasks", limit=4)
+    texts = ev.task_texts(["tiny_facts"], tmp_path / "tasks", limit=4)
     assert texts == [f"Question: What is {i} plus {i}?\nAnswer: {2 * i}" for i in range(4)]
     out = qz.main(checkpoint_path=folder, mode="int4-gptq", groupsize=32, calibration_tasks="tiny_facts",
                   calibration_tasks_path=tmp_path / "tasks", calibration_limit=6, output=tmp_path / "g" / "model.pth")
-    assert read_config(out)[1]["quantization"]["mode"] == "int4-gptq"
+    assert Checkpoint.open(out).quantization.mode == "int4-gptq"
     with pytest.raises(ValueError, match="unknown lm-eval task"):
-        qz.task_texts(["no_such_task"], tmp_path / "tasks", limit=4)
+        ev.task_texts(["no_such_task"], tmp_path / "tasks", limit=4)

@@ -33,6 +33,12 @@ def test_config_from_gguf_metadata(ours):
     c = model.config
     assert (c.n_layer, c.n_head, c.n_kv_heads, c.dim, c.intermediate_size, c.vocab_size) == (30, 9, 3, 576, 1536, 49152)
     assert c.tie_embeddings and c.rope_base == 100000.0 and c.block_size == 8192
+    from dataclasses import replace
+
+    from configs import known_config
+
+    assert c.norm_eps == pytest.approx(1e-5)  # stored as float32 in the GGUF
+    assert replace(c, norm_eps=1e-5) == known_config("HuggingFaceTB/SmolLM2-135M-Instruct")  # the offline table
 
 
 def test_logits_match_transformers_gguf(ours, hf_model):

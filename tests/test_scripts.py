@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_hf_model
+from helpers import make_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def test_convert_keeps_dtype_and_llama3_tokenizer(tmp_path):
 
     import torch
 
-    from checkpoint import load_state_dict, read_config
+    from checkpoint import Checkpoint
     from tokenizer import TiktokenTokenizer, get_tokenizer
 
     hf = make_hf_model("llama31_gqa", tmp_path / "src")
@@ -74,7 +74,7 @@ def test_convert_keeps_dtype_and_llama3_tokenizer(tmp_path):
     (tmp_path / "bf16" / "original" / "tokenizer.model").write_text(ranks)
     r = sh("bash", "scripts/prepare.sh", tmp_path / "bf16")
     assert r.returncode == 0, r.stderr
-    _, fmt = read_config(tmp_path / "bf16")
-    assert fmt["dtype"] == "bfloat16"
-    assert all(t.dtype == torch.bfloat16 for t in load_state_dict(tmp_path / "bf16").values())
+    ckpt = Checkpoint.open(tmp_path / "bf16")
+    assert ckpt.format.dtype == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in ckpt.state_dict().values())
     assert isinstance(get_tokenizer(tmp_path / "bf16"), TiktokenTokenizer)

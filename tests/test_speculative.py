@@ -1,14 +1,15 @@
-"""Speculative decoding (draft model and prompt lookup): exact greedy tokens, the target's distribution when sampling."""
+"""Speculative decoding (draft model and prompt lookup): exact greedy tokens, the target's distribution when
+sampling."""
 import shutil
 
 import pytest
 import torch
+from helpers import assert_one_line_error, run_in_process, spec_steps
 from scipy.stats import chisquare
 
-import quantize as qz
+import generate as gen
 import speculative as sp
-from generate import compile_step, decode_one_token, generate, load_model, prefill
-from test_cli import run
+from generate import generate, load_model, prefill
 
 PROMPT = torch.tensor([5, 80, 13, 200, 7, 9, 301, 44, 13, 200, 7])
 
@@ -84,10 +85,10 @@ def test_accept_is_exact_at_temperature_zero():
 
 
 @pytest.fixture(scope="module")
-def models(tiny_llama):
+def models(tiny_llama, tiny_quantized):
     """Target (fp32), its int4 twin, and a noisy copy of it (a draft that is often wrong) as drafts."""
     _, folder = tiny_llama
-    int4 = qz.main(checkpoint_path=folder / "model.pth", mode="int4", groupsize=32)
+    int4 = tiny_quantized["int4"]
     other = load_model(folder, "cpu", "fp32")
     torch.manual_seed(1)
     with torch.no_grad():
@@ -96,14 +97,15 @@ def models(tiny_llama):
     return {"target": load_model(folder, "cpu", "fp32"), "int4": load_model(int4, "cpu", "fp32"), "other": other}
 
 
-def run_spec(models, n, draft=None, lookup=None, k=4, **kw):
+def run_spec(models, n, draft=None, lookup=None, k=4, compiled=False, **kw):
     target = models["target"]
     for m in (target, models.get(draft)):
         if m is not None:
             m.setup_caches(1, PROMPT.numel() + n + k)
     stats = sp.Stats()
+    steps = {**spec_steps(compiled), **kw}
     out = sp.speculative_generate(target, PROMPT, n, k=k, draft=models.get(draft), prompt_lookup=lookup,
-                                  stats=stats, **kw)
+                                  stats=stats, **steps)
     return out[0].tolist(), stats
 
 
@@ -139,7 +141,7 @@ def test_sampled_speculation_has_the_targets_distribution(models, draft, lookup)
     with torch.no_grad():
         logits = target(torch.cat([PROMPT, torch.tensor([first])])[None], torch.arange(PROMPT.numel() + 1))
     sampling = dict(temperature=1.5, top_k=3)
-    p = sp.token_probs(logits[0, -1:], **sampling)[0]
+    p = gen.token_probs(logits[0, -1:], **sampling)[0]
     support = p.nonzero().flatten()
 
     def fixed_first(model, x, input_pos, **_):
@@ -154,31 +156,30 @@ def test_sampled_speculation_has_the_targets_distribution(models, draft, lookup)
 
 
 def test_compiled_speculation_matches_eager(models, reset_dynamo):
+    """The target's compiled verify graph (k + 1 tokens) gives the eager tokens (the draft's compiled decode graph is
+    test_compiled_quantized_decode_matches_eager's)."""
     expected, _ = run_spec(models, 24, "int4", temperature=0.0)
-    got, _ = run_spec(models, 24, "int4", temperature=0.0, verify_step=compile_step(sp.verify, torch.device("cpu")),
-                      draft_step=compile_step(decode_one_token, torch.device("cpu")))
+    got, _ = run_spec(models, 24, "int4", temperature=0.0, compiled=True)
     assert got == expected
 
 
-def test_cli_speculation(tiny_llama, tmp_path):
+def test_cli_speculation(tiny_llama, tiny_quantized, tmp_path, capsys):
     _, folder = tiny_llama
-    int4 = qz.main(checkpoint_path=folder / "model.pth", mode="int4", groupsize=32)
     common = ["--checkpoint_path", folder, "--device", "cpu", "--precision", "fp32", "--temperature", "0",
               "--max_new_tokens", "16", "--num_samples", "1", "--prompt", "def main(args):"]
-    plain = run(*common)
-    drafted = run(*common, "--draft_checkpoint_path", int4, "--speculate_k", "3")
-    looked = run(*common, "--prompt_lookup", "2")
-    for r in (plain, drafted, looked):
-        assert r.returncode == 0, r.stderr
-    assert plain.stdout == drafted.stdout == looked.stdout
-    assert "speculation: acceptance" in drafted.stderr and "mean accepted length" in looked.stderr
-    both = run(*common, "--draft_checkpoint_path", int4, "--prompt_lookup", "2")
-    assert both.returncode != 0 and "choose one way to speculate" in both.stderr
+    plain = run_in_process(capsys, gen, *common)
+    drafted = run_in_process(capsys, gen, *common, "--draft_checkpoint_path", tiny_quantized["int4"],
+                             "--speculate_k", "3")
+    looked = run_in_process(capsys, gen, *common, "--prompt_lookup", "2")
+    for code, _, err in (plain, drafted, looked):
+        assert code == 0, err
+    assert plain[1] == drafted[1] == looked[1]
+    assert "speculation: acceptance" in drafted[2] and "mean accepted length" in looked[2]
+    code, _, err = run_in_process(capsys, gen, *common, "--draft_checkpoint_path", tiny_quantized["int4"],
+                                  "--prompt_lookup", "2")
+    assert_one_line_error(code, err, "choose one way to speculate")
     other = tmp_path / "other_tokenizer"
     shutil.copytree(folder, other)
     (other / "tokenizer.model").write_bytes((folder / "tokenizer.model").read_bytes() + b"\0")
-    bad = run(*common, "--draft_checkpoint_path", other)
-    assert bad.returncode != 0 and "different tokenizer" in bad.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in bad.stderr
-    batch = run(*common, "--prompt_lookup", "2", "--batch_size", "2")
-    assert batch.returncode != 0 and "--batch_size 1" in batch.stderr
+    code, _, err = run_in_process(capsys, gen, *common, "--draft_checkpoint_path", other)
+    assert_one_line_error(code, err, "different tokenizer")

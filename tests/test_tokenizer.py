@@ -69,15 +69,18 @@ def test_tiktoken_llama3_layout(tmp_path):
     import base64
 
     ranks = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello"]
-    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
+    lines = [f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)]
+    (tmp_path / "tokenizer.model").write_text("".join(lines))
     tok = get_tokenizer(tmp_path)
     assert isinstance(tok, TiktokenTokenizer)
     n = len(ranks)
-    assert tok.bos_id == n and tok.token_to_id("<|eot_id|>") == n + 9 and tok.token_to_id("<|reserved_special_token_246|>") == n + 255
+    assert tok.bos_id == n and tok.token_to_id("<|eot_id|>") == n + 9
+    assert tok.token_to_id("<|reserved_special_token_246|>") == n + 255
     ids = tok.encode("hello")
     assert ids == [n, 259] and tok.decode(ids[1:]) == "hello"
     assert {n + 1, n + 8, n + 9} <= tok.stop_ids
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|begin_of_text|><|start_header_id|>user")
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert chat.startswith("<|begin_of_text|><|start_header_id|>user")
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):

@@ -1,25 +1,18 @@
 """Tensor parallelism over 2 CPU processes (gloo) and layers split over several devices: same logits and tokens."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import ROOT, free_port, greedy_text, run_in_process
 
-import quantize as qz
+import generate as gen
 import tp
 from generate import generate, load_model
-from test_cli import ROOT, run
 
 IDX = torch.tensor([[5, 80, 13, 200, 7, 9, 301, 44]])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference(path, transform=None):
@@ -42,9 +35,9 @@ def _worker(rank: int, size: int, port: int, path, out):
 
 
 @pytest.mark.parametrize("mode", ["fp32", "int8"])
-def test_two_processes_match_one(tiny_llama, tmp_path, mode):
+def test_two_processes_match_one(tiny_llama, tiny_quantized, tmp_path, mode):
     _, folder = tiny_llama
-    path = folder if mode == "fp32" else qz.main(checkpoint_path=folder / "model.pth", mode="int8")
+    path = folder if mode == "fp32" else tiny_quantized["int8"]
     logits, tokens = reference(path)
     mp.spawn(_worker, args=(2, free_port(), path, tmp_path / "out.pt"), nprocs=2, join=True)
     got = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -52,10 +45,9 @@ def test_two_processes_match_one(tiny_llama, tmp_path, mode):
     assert got["tokens"].tolist() == tokens.tolist()
 
 
-def test_shard_keeps_gqa_groups_and_scales(tiny_llama):
+def test_shard_keeps_gqa_groups_and_scales(tiny_quantized):
     """One rank's slices by hand: q heads 0-1 with kv head 0; int8 scales follow their rows."""
-    _, folder = tiny_llama
-    path = qz.main(checkpoint_path=folder / "model.pth", mode="int8")
+    path = tiny_quantized["int8"]
     seen = {}  # each model's layer 0 as the transform left it, before the kernels repack it
 
     def load(name, transform=lambda m: None):
@@ -70,8 +62,10 @@ def test_shard_keeps_gqa_groups_and_scales(tiny_llama):
     hd, c = a.head_dim, full.config
     rows = list(range(0, c.n_head // 2 * hd)) + [c.n_head * hd + i for i in range(c.n_kv_heads // 2 * hd)]
     rows += [(c.n_head + c.n_kv_heads) * hd + i for i in range(c.n_kv_heads // 2 * hd)]
-    assert torch.equal(sb["wqkv.weight"], sa["wqkv.weight"][rows]) and torch.equal(sb["wqkv.scales"], sa["wqkv.scales"][rows])
-    assert torch.equal(sb["wo.weight"], sa["wo.weight"][:, : c.n_head // 2 * hd]) and torch.equal(sb["wo.scales"], sa["wo.scales"])
+    assert torch.equal(sb["wqkv.weight"], sa["wqkv.weight"][rows])
+    assert torch.equal(sb["wqkv.scales"], sa["wqkv.scales"][rows])
+    assert torch.equal(sb["wo.weight"], sa["wo.weight"][:, : c.n_head // 2 * hd])
+    assert torch.equal(sb["wo.scales"], sa["wo.scales"])
     assert (b.n_head, b.n_kv_heads) == (c.n_head // 2, c.n_kv_heads // 2)
     assert b.wqkv.kernel == a.wqkv.kernel  # sharded before the kernels were picked
 
@@ -90,23 +84,24 @@ def test_torchrun_generate(tiny_llama):
     _, folder = tiny_llama
     args = ["--checkpoint_path", folder, "--device", "cpu", "--precision", "fp32", "--temperature", "0",
             "--max_new_tokens", "12", "--num_samples", "1", "--prompt", "def main(args):"]
-    single = run(*args)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            f"--master_port={free_port()}", str(ROOT / "generate.py"), *map(str, args), "--compile"],
-                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-3000:]
-    assert multi.stdout == single.stdout
+
+    def torchrun(n, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                               f"--master_port={free_port()}", str(ROOT / "generate.py"), *map(str, args), *extra],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+
+    multi = torchrun(2, "--compile")
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert multi.stdout == "def main(args):" + greedy_text(folder, "def main(args):", 12) + "\n"
     assert multi.stderr.count("time to first token") == 1  # rank 0 only
-    bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
-                          f"--master_port={free_port()}", str(ROOT / "generate.py"), *map(str, args)],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    bad = torchrun(3)
     # one line from rank 0 (torchrun then adds its own summary of the failed workers)
-    assert bad.returncode != 0 and bad.stderr.count("error: tensor parallelism over 4 processes") == 1
-    assert "n_kv_heads=2" in bad.stderr and "ValueError" not in bad.stderr
+    assert bad.returncode != 0 and bad.stderr.count("error: tensor parallelism over 3 processes") == 1
+    assert "n_head=4" in bad.stderr and "ValueError" not in bad.stderr
 
 
-def test_layers_split_over_devices(tiny_llama):
+def test_layers_split_over_devices(tiny_llama, capsys):
     _, folder = tiny_llama
     logits, tokens = reference(folder)
     model = load_model(folder, "cpu", "fp32")
@@ -119,9 +114,9 @@ def test_layers_split_over_devices(tiny_llama):
     assert all(tp.stage_bytes(model, r) > 0 for _, r in stages)
     with pytest.raises(ValueError, match="between 1 and 2"):
         tp.split_layers(model, [torch.device("cpu")] * 3)
-    r = run("--checkpoint_path", folder, "--devices", "cpu,cpu", "--precision", "fp32", "--temperature", "0",
-            "--max_new_tokens", "8", "--num_samples", "1", "--prompt", "def main(args):")
-    single = run("--checkpoint_path", folder, "--device", "cpu", "--precision", "fp32", "--temperature", "0",
-                 "--max_new_tokens", "8", "--num_samples", "1", "--prompt", "def main(args):")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == single.stdout and "stage 0 (cpu): layers 0-0" in r.stderr
+    common = ["--checkpoint_path", folder, "--precision", "fp32", "--temperature", "0", "--max_new_tokens", "8",
+              "--num_samples", "1", "--prompt", "def main(args):"]
+    code, out, err = run_in_process(capsys, gen, *common, "--devices", "cpu,cpu")
+    assert code == 0, err
+    assert out == "def main(args):" + greedy_text(folder, "def main(args):", 8) + "\n"
+    assert "stage 0 (cpu): layers 0-0" in err

@@ -1,0 +1,227 @@
+"""The layers a loaded model runs in place of model.py's plain ones: float linears on the C++ kernels (CpuLinear,
+cpu_glu), the int8 / int4 layers of quantized checkpoints, and the decode attention kernel.
+
+A quantized checkpoint stores device-independent weights (the layouts below); `prepare` packs each layer into
+the layout of the kernel kernels.quantized_kernel picks for its device, and kernels.run decides per call
+whether the C++ op or its PyTorch reference computes it.
+  int8:  w = q * s, q (N, K) int8, one scale per output channel (N,) or per group of 32 inputs (N, K // 32)
+  int4:  w = (q - 8) * s + z, q in [0, 15] two nibbles per byte (N, K // 2), even column in the high nibble,
+         scales_and_zeros (K // groupsize, N, 2): the layout of torch's `_weight_int4pack_mm` kernels
+The embedding and the output layer of int4 checkpoints are int8 (as llama.cpp's Q4 files keep them at Q8_0).
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels
+from model import Attention, FeedForward
+
+# ---- the checkpoints' quantized layouts (pure functions) ---------------------------------------------------
+
+dequantize_int8 = kernels.dequantize_int8  # (q, scales (N,) or (N, G)) -> float weight
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """(N, K) values in [0, 15] -> (N, K // 2) uint8, even column in the high nibble."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(packed.size(0), -1)
+
+
+def dequantize_int4(q: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor:
+    """(N, K) float32 from q (N, K) in [0, 15] and scales_and_zeros (K // groupsize, N, 2)."""
+    N, K = q.shape
+    s, z = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, G) each
+    return ((q.float().view(N, -1, groupsize) - 8) * s[..., None] + z[..., None]).reshape(N, K)
+
+
+# ---- float linears and attention on the C++ kernels ------------------------------------------------------
+
+class CpuLinear(nn.Linear):
+    """nn.Linear computed by kernels.run("dense_linear") once the kernels are built (use_cpu_linear sets `kernel`),
+    else by kernels.float_linear. The kernel reads the weight as stored (a tied embedding table too)."""
+
+    kernel = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.kernel:
+            return kernels.float_linear(x, self.weight, self.bias)
+        y = kernels.run("dense_linear", x.reshape(-1, self.in_features), self.weight)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def cpu_glu(w1: CpuLinear, w3: CpuLinear, x: Tensor) -> Tensor:
+    """FeedForward.glu for two bias-free CpuLinears: silu(w1(x)) * w3(x) by one dense_glu call where it applies
+    (30 fewer calls and pointwise kernels per step on the default model; no w1 / w3 outputs in prefill)."""
+    y = kernels.run("dense_glu", x.reshape(-1, w1.in_features), w1.weight, w3.weight)
+    return y.view(*x.shape[:-1], w1.out_features)
+
+
+def use_cpu_linear(transformer: nn.Module) -> None:
+    """Make every nn.Linear of a float CPU transformer a CpuLinear with the same (possibly tied) parameters, and a
+    gated feed-forward's w1 and w3 one cpu_glu call when the kernels are built."""
+    for parent in list(transformer.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                new = CpuLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                new.weight, new.bias = child.weight, child.bias
+                new.kernel = kernels.cpu_kernels()
+                setattr(parent, name, new)
+    for m in transformer.modules():
+        if isinstance(m, FeedForward) and kernels.cpu_kernels() and m.w1.bias is None and m.w3.bias is None:
+            m.glu = functools.partial(cpu_glu, m.w1, m.w3)
+
+
+def cpu_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """model.decode_attention (one query position) by kernels.cpp where it applies. It visits only the positions
+    the mask lets through; inductor's code for the PyTorch form reads the whole static cache."""
+    B, H, _, D = q.shape
+    return kernels.run("decode_attention", q.view(B, H, D), k, v, mask.reshape(-1, k.size(2))).view(B, H, 1, D)
+
+
+def use_cpu_attention(transformer: nn.Module) -> None:
+    """Give every attention layer cpu_decode_attention when the C++ kernels are built."""
+    if kernels.cpu_kernels():
+        for m in transformer.modules():
+            if isinstance(m, Attention):
+                m.decode_attention = cpu_decode_attention
+
+
+# ---- quantized layers ------------------------------------------------------------------------------------
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * s).T; scales (N,) per channel or (N, K // groupsize) per group (GGUF Q8_0)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, groupsize: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        shape = (out_features,) if groupsize is None else (out_features, in_features // groupsize)
+        self.register_buffer("scales", torch.empty(shape))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.kernel = None  # set by prepare() once the module is on its device
+
+    def prepare(self) -> None:
+        """Pick the device's kernel; for kernels.cpp, repack weight and scales into its layout (new tensors, so a
+        tied embedding keeps the checkpoint's rows)."""
+        if self.kernel is not None:
+            return
+        self.kernel = kernels.quantized_kernel(self.weight.device, self.in_features, self.out_features)
+        if self.kernel == "cuda" and self.scales.dim() == 2:
+            self.kernel = "torch"  # torch's CUDA int8 kernel is per channel only
+        if self.kernel == "cpp":
+            self.weight, self.scales = kernels.int8_to_kernel(self.weight, self.scales.view(self.out_features, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "cuda":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
+        elif self.kernel == "cpp":
+            y = kernels.run("int8_linear", x2, self.weight, self.scales)
+        else:
+            y = kernels.float_linear(x2, dequantize_int8(self.weight, self.scales.float().view(self.out_features, -1)))
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows stored as int8 with one scale per row, or per group of a row (GGUF Q8_0)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, groupsize: int | None = None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
+        shape = (num_embeddings,) if groupsize is None else (num_embeddings, embedding_dim // groupsize)
+        self.register_buffer("scales", torch.empty(shape))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        rows = F.embedding(idx, self.weight).to(self.scales.dtype)  # (..., D)
+        s = self.scales[idx].view(*idx.shape, -1, 1)  # (..., G, 1)
+        return (rows.view(*idx.shape, s.size(-2), -1) * s).view(rows.shape)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequant(q).T; `weight` is repacked for the device's kernel by prepare()."""
+
+    def __init__(self, in_features: int, out_features: int, groupsize: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.kernel = None  # set by prepare(), which packs `weight` for it
+
+    def prepare(self) -> None:
+        """Repack the device-independent nibbles into the layout of this device's int4 kernel."""
+        if self.kernel is not None:
+            return
+        q = unpack_int4(self.weight)
+        kernel = kernels.quantized_kernel(self.weight.device, self.in_features, self.out_features)
+        if kernel == "cpp":  # (d, m) = (s, z - 8 s) per group, float16 (quantize_int4 makes them exact)
+            s, z = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, G) each
+            self.weight, self.scales_and_zeros = kernels.int4_to_kernel(q, s, z - 8 * s)
+        elif kernel == "cuda":
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(pack_int4(q).contiguous(), 8)
+        else:
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        self.kernel = kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        assert self.kernel is not None, "Int4Linear.prepare() must run after the module is on its device"
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "cpp":
+            y = kernels.run("int4_linear", x2, self.weight, self.scales_and_zeros)
+        elif self.kernel == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, self.scales_and_zeros.to(x.dtype))
+        else:
+            sz = self.scales_and_zeros.to(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.groupsize, sz)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def quantized_module_names(model: nn.Module) -> list[str]:
+    """Names of the Linear layers that int4 quantizes (all but the output layer, which stays int8)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "output"]
+
+
+def swap_modules(model: nn.Module, quantization) -> None:
+    """Replace float modules of a (meta) Transformer by the quantized modules of a checkpoint.Quantization."""
+    for name in quantized_module_names(model) + ["output"]:
+        *path, attr = name.split(".")
+        parent = functools.reduce(getattr, path, model)
+        lin = getattr(parent, attr)
+        bias = lin.bias is not None
+        if quantization.kind == "int8" or name == "output":
+            new = Int8Linear(lin.in_features, lin.out_features, bias, quantization.int8_groupsize)
+        else:
+            new = Int4Linear(lin.in_features, lin.out_features, quantization.groupsize, bias)
+        setattr(parent, attr, new)
+    emb = model.tok_embeddings
+    model.tok_embeddings = Int8Embedding(emb.num_embeddings, emb.embedding_dim, quantization.int8_groupsize)
+
+
+def prepare(model: nn.Module) -> None:
+    """Pick each quantized layer's kernel for the device it is on (and repack its weights for it); give a
+    feed-forward whose w1 and w3 both use kernels.cpp's int8 kernel the fused int8_glu. On CPU a tied output
+    layer gets its own copy in the kernel's layout: 8-row groups would make every embedding lookup a gather."""
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            m.prepare()
+    for m in model.modules():
+        if not isinstance(m, FeedForward):
+            continue
+        w1, w3 = m.w1, m.w3
+        if (isinstance(w1, Int8Linear) and isinstance(w3, Int8Linear) and w1.kernel == w3.kernel == "cpp" and
+                w1.bias is None and w3.bias is None and w1.scales.shape == w3.scales.shape):
+            m.glu = functools.partial(int8_glu, w1, w3)
+
+
+def int8_glu(w1: Int8Linear, w3: Int8Linear, x: Tensor) -> Tensor:
+    """FeedForward.glu for two int8 layers in kernels.cpp's layout."""
+    y = kernels.run("int8_glu", x.reshape(-1, w1.in_features), w1.weight, w1.scales, w3.weight, w3.scales)
+    return y.view(*x.shape[:-1], w1.out_features)
