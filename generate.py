@@ -49,16 +49,17 @@ def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None 
     return torch.softmax(logits, dim=-1)
 
 
-def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
-           top_p: float | None = None) -> tuple[Tensor, Tensor]:
-    """Next token (B, 1) and its distribution (B, vocab) from the last position of logits (B, T, vocab)."""
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Next token (B, 1) and its distribution (B, vocab) from the last position of logits (B, T, vocab); the draw
+    takes its randomness from generator (default: torch's global one)."""
     logits = logits[:, -1]  # (B, vocab)
     if temperature == 0:
         idx = logits.argmax(-1, keepdim=True)
         return idx, torch.zeros_like(logits, dtype=torch.float).scatter_(-1, idx, 1.0)
     probs = logits_to_probs(logits, temperature, top_k, top_p)
     # Gumbel-style draw: argmax(p / Exp(1)) samples from p without a host sync
-    idx = torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1, keepdim=True)
+    idx = torch.argmax(probs / torch.empty_like(probs).exponential_(1, generator=generator), dim=-1, keepdim=True)
     return idx, probs
 
 
@@ -83,6 +84,11 @@ def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, key_mask:
     return sample(model(x, input_pos, key_mask), **sampling)
 
 
+def decode_rows(model: Transformer, x: Tensor, input_pos: Tensor) -> Tensor:
+    """One token for each of B rows, each at its own position: x and input_pos (B, 1); the logits (B, vocab)."""
+    return model(x, input_pos)[:, -1]
+
+
 def verify(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Tensor:
     """Speculation's target pass: the distributions (T, vocab) after each of the tokens x (1, T) at input_pos (T,)."""
     return token_probs(model(x, input_pos)[0], **sampling)
@@ -97,15 +103,24 @@ def compile_step(fn, device: torch.device, dynamic: bool = False):
 
 # ---- the decode loop --------------------------------------------------------------------------------------
 
+def prefill_pieces(start: int, end: int, chunk: int | None) -> list[tuple[int, int]]:
+    """The prefill passes over positions start..end-1: one (chunk None), or pieces of at most chunk positions cut at
+    multiples of chunk, the same pieces wherever a prefill resumes at a cut, so that every position is computed by
+    the same arithmetic (the server's engine, which reuses cached chunks, relies on it)."""
+    bounds = [start] + ([] if chunk is None else list(range((start // chunk + 1) * chunk, end, chunk))) + [end]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, start_pos: int = 0,
              stop_ids=(), callback=None, prefill_step=prefill, decode_step=decode_one_token,
-             key_mask: Tensor | None = None, **sampling) -> Tensor:
+             key_mask: Tensor | None = None, prefill_chunk: int | None = None, **sampling) -> Tensor:
     """Generate up to max_new_tokens after prompt (B, T) or (T,); return the new tokens (B, N).
 
     The prompt is written into the KV cache at positions start_pos.. (earlier positions hold a cached
     prefix); generation stops early once every row has produced a stop id (rows that stopped earlier
     go on: cut them with until_stop). key_mask (B, S) masks the padding of left-padded rows (left_pad).
+    prefill_chunk: prefill in pieces of this many positions (prefill_pieces), as the server's engine does.
     callback(tokens (B, 1)) sees each new token as soon as it exists. The last returned token is not
     yet in the cache.
     """
@@ -116,8 +131,10 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, start_p
     device = prompt.device
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=prompt.dtype)
     done = torch.zeros(B, 1, dtype=torch.bool, device=device)
-    input_pos = torch.arange(start_pos, start_pos + T, device=device)
-    token = prefill_step(model, prompt, input_pos, key_mask, **sampling)
+    *pieces, (a, b) = prefill_pieces(start_pos, start_pos + T, prefill_chunk)
+    for p, q in pieces:  # the pieces before the last only fill the cache
+        model(prompt[:, p - start_pos:q - start_pos], torch.arange(p, q, device=device), key_mask, last_only=True)
+    token = prefill_step(model, prompt[:, a - start_pos:], torch.arange(a, b, device=device), key_mask, **sampling)
     out = [token]
     for i in range(max_new_tokens):
         if callback is not None:

@@ -657,21 +657,29 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t t = 0; t < S; ++t)
       if (mp[r * S + t]) pos[r * S + count[r]++] = t;
-  // Work items: (batch row, kv head, chunk of its visible positions), at least two per thread; the R query heads of
-  // a kv head run one after another on its chunk, so its K and V rows come from memory once. Chunks of >= 32 positions.
-  const int64_t most = *std::max_element(count.begin(), count.end());
-  const int64_t C = std::clamp<int64_t>((2 * at::get_num_threads() + B * KV - 1) / (B * KV), 1, std::max<int64_t>(most / 32, 1));
-  std::vector<float> part(B * H * C * (D + 2));  // per (b, h, chunk): unnormalized output (D), max score, sum of weights
-  parallel_chunks(B * KV * C, 1, [&](int64_t begin, int64_t end) {
+  // Work items: (batch row, kv head, chunk of kChunk of its visible positions); the R query heads of a kv head run one
+  // after another on its chunk, so its K and V rows come from memory once. The chunks are cut at fixed counts, never
+  // by the batch size or the thread count: a row's sums are the same whatever else is in the batch.
+  constexpr int64_t kChunk = 64;
+  std::vector<int64_t> first(B + 1, 0);  // row b's chunks are first[b]..first[b + 1] - 1
+  for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + std::max<int64_t>(1, (count[rows == 1 ? 0 : b] + kChunk - 1) / kChunk);
+  std::vector<int64_t> items;  // (chunk index into first[], kv head) as chunk * KV + g
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < KV; ++g)
+      for (int64_t c = first[b]; c < first[b + 1]; ++c) items.push_back(c * KV + g);
+  std::vector<int64_t> owner(first[B]);  // the batch row of each chunk
+  for (int64_t b = 0; b < B; ++b) std::fill(owner.begin() + first[b], owner.begin() + first[b + 1], b);
+  std::vector<float> part(first[B] * H * (D + 2));  // per (chunk, h): unnormalized output (D), max score, sum of weights
+  parallel_chunks(int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> sc;  // scores, then weights: lives as long as the thread (see QuantizedInput)
     sc.resize(S + 8);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (KV * C), g = item / C % KV, c = item % C;
-      const int64_t r = rows == 1 ? 0 : b, lo = c * count[r] / C, hi = (c + 1) * count[r] / C, at = (b * KV + g) * S * D;
+      const int64_t c = items[item] / KV, g = items[item] % KV, b = owner[c], r = rows == 1 ? 0 : b;
+      const int64_t lo = (c - first[b]) * kChunk, hi = std::min(count[r], lo + kChunk), at = (b * KV + g) * S * D;
       const int64_t* pp = pos.data() + r * S + lo;
       for (int64_t h = g * R; h < (g + 1) * R; ++h) {
         const float* qp = qf.data() + (b * H + h) * D;
-        float* dst = part.data() + ((b * H + h) * C + c) * (D + 2);
+        float* dst = part.data() + (c * H + h) * (D + 2);
         std::pair<float, float> ml;
         switch (k.scalar_type()) {
           case at::kFloat: ml = attend(qp, k.data_ptr<float>() + at, v.data_ptr<float>() + at, pp, hi - lo, D, scale, sc.data(), dst); break;
@@ -683,21 +691,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       }
     }
   });
-  for (int64_t bh = 0; bh < B * H; ++bh) {  // merge the chunks: rescale each to the largest score seen
-    const float* p = part.data() + bh * C * (D + 2);
-    float mx = -std::numeric_limits<float>::infinity(), l = 0.f;
-    for (int64_t c = 0; c < C; ++c) mx = std::max(mx, p[c * (D + 2) + D]);
-    float* op = of.data() + bh * D;
-    std::fill(op, op + D, 0.f);
-    for (int64_t c = 0; c < C; ++c) {
-      const float* pc = p + c * (D + 2);
-      if (pc[D + 1] == 0.f) continue;  // a chunk with no visible position
-      const float w = std::exp(pc[D] - mx);
-      l += w * pc[D + 1];
-      for (int64_t d = 0; d < D; ++d) op[d] += w * pc[d];
+  for (int64_t b = 0; b < B; ++b)  // merge each row's chunks in order: rescale each to the largest score seen
+    for (int64_t h = 0; h < H; ++h) {
+      float mx = -std::numeric_limits<float>::infinity(), l = 0.f;
+      for (int64_t c = first[b]; c < first[b + 1]; ++c) mx = std::max(mx, part[(c * H + h) * (D + 2) + D]);
+      float* op = of.data() + (b * H + h) * D;
+      std::fill(op, op + D, 0.f);
+      for (int64_t c = first[b]; c < first[b + 1]; ++c) {
+        const float* pc = part.data() + (c * H + h) * (D + 2);
+        if (pc[D + 1] == 0.f) continue;  // a chunk with no visible position
+        const float w = std::exp(pc[D] - mx);
+        l += w * pc[D + 1];
+        for (int64_t d = 0; d < D; ++d) op[d] += w * pc[d];
+      }
+      for (int64_t d = 0; d < D; ++d) op[d] /= l;
     }
-    for (int64_t d = 0; d < D; ++d) op[d] /= l;
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     std::copy(of.begin(), of.end(), out.data_ptr<scalar_t>());
   });

@@ -133,9 +133,10 @@ def apply_rope_scaling(freqs: Tensor, factor: float, low_freq_factor: float, hig
 
 
 def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotate adjacent pairs of x (B, T, H, D) by the angles in freqs_cis (T, D // 2, 2)."""
+    """Rotate adjacent pairs of x (B, T, H, D) by the angles in freqs_cis: (T, D // 2, 2) for every row, or
+    (B, T, D // 2, 2), each row its own."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)  # (1, T, 1, D/2, 2)
+    fc = freqs_cis.unsqueeze(-3)  # (T, 1, D/2, 2) or (B, T, 1, D/2, 2): the same angles for every head
     out = torch.stack(
         [xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1], xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1
     )
@@ -197,12 +198,19 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv, T, D) at positions input_pos (T,); return the whole cache."""
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int = 0) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv, T, D) into cache rows row..row+B-1 at positions input_pos: (T,) for every row, or
+        (B, T), each row its own; return those rows of the cache (B, n_kv, S, D)."""
         B = k.size(0)
-        self.k_cache[:B, :, input_pos] = k
-        self.v_cache[:B, :, input_pos] = v
-        return self.k_cache[:B], self.v_cache[:B]
+        kc, vc = self.k_cache[row:row + B], self.v_cache[row:row + B]
+        if input_pos.dim() == 1:
+            kc[:, :, input_pos] = k
+            vc[:, :, input_pos] = v
+        else:  # index (B, 1) x (B, T) picks (B, T, n_kv, D): a position per row and token
+            rows = torch.arange(B, device=k.device)[:, None]
+            kc[rows, :, input_pos] = k.transpose(1, 2)
+            vc[rows, :, input_pos] = v.transpose(1, 2)
+        return kc, vc
 
     def read(self, row: int, length: int) -> tuple[Tensor, Tensor]:
         """Copies of the first `length` positions of batch row `row`: k, v (n_kv, length, D)."""
@@ -225,7 +233,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.decode_attention = decode_attention  # attention of one new token; kernels.py may swap in its own
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None, input_pos: Tensor,
+                cache_row: int = 0) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -233,7 +242,7 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k.view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv_heads, S, head_dim)
+        k, v = self.kv_cache.update(input_pos, k, v, cache_row)  # (B, n_kv_heads, S, head_dim)
         gqa = self.n_head != self.n_kv_heads
         if mask is None:  # a prompt at positions 0..T-1 (Transformer.forward): causal over the first T cache positions
             y = F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=gqa)
@@ -268,8 +277,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None, input_pos: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos)
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None, input_pos: Tensor,
+                cache_row: int = 0) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, cache_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -304,7 +314,12 @@ class Transformer(nn.Module):
         return self.norm.weight.dtype
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
-        """Allocate each layer's KV cache beside it, the rotary table and mask beside the embedding."""
+        """Allocate each layer's KV cache beside it, the rotary table and mask beside the embedding.
+
+        Positions 0..max_seq_length-1 are the text's; one more, max_seq_length, is a scratch position for an idle
+        row of a fixed-shape batch (a server with fewer requests than rows): a token there writes its KV there and
+        attends to that position alone, so it costs next to nothing and touches nothing a row holds.
+        """
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}")
         if self.max_batch_size >= max_batch_size and self.max_seq_length == max_seq_length:
@@ -312,41 +327,51 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         dtype, device = self.dtype, self.device
         c = self.config
+        S = max_seq_length + 1  # with the scratch position
         for block in self.layers:  # each block's own heads (fewer under tensor parallelism) and device
             a, w = block.attention, block.attention_norm.weight
-            a.kv_cache = KVCache(max_batch_size, max_seq_length, a.n_kv_heads, a.head_dim, dtype).to(w.device)
-        freqs = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling)
+            a.kv_cache = KVCache(max_batch_size, S, a.n_kv_heads, a.head_dim, dtype).to(w.device)
+        freqs = precompute_freqs_cis(S, c.head_dim, c.rope_base, c.rope_scaling)
         self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
-        pos = torch.arange(max_seq_length, device=device)
+        pos = torch.arange(S, device=device)
         mask = pos[None, :] <= pos[:, None]  # (S, S): query row may see key column
         if c.sliding_window is not None:
             mask &= pos[None, :] > pos[:, None] - c.sliding_window
+        mask[-1] = pos == S - 1  # the scratch position sees itself alone
         self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, idx: Tensor, input_pos: Tensor, key_mask: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
-        """Logits (B, T, vocab) for tokens idx (B, T) at positions input_pos (T,); (B, 1, vocab) if last_only.
+                last_only: bool = False, cache_row: int = 0) -> Tensor:
+        """Logits (B, T, vocab) for tokens idx (B, T) at positions input_pos; (B, 1, vocab) if last_only.
 
-        key_mask (B, S), when given, says which cache positions each row may attend to: rows of different
-        lengths are left-padded and their padding masked. A padding position still sees itself, so that
-        its (unused) output stays finite.
+        input_pos is (T,), the same positions for every row, or (B, T), each row its own (a batch of requests
+        at different points of their texts). Each row attends causally over its own positions only, so what a
+        cache row holds beyond them (an earlier occupant's tokens, a padded tail) stays hidden. The batch uses
+        cache rows cache_row..cache_row+B-1. key_mask (B, S), with (T,) positions, says which cache positions each
+        row may attend to: rows of different lengths are left-padded and their padding masked. A padding position
+        still sees itself, so that its (unused) output stays finite.
         """
         assert self.max_seq_length > 0, "call setup_caches first"
-        mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, S)
-        if key_mask is not None:
-            own = torch.arange(self.max_seq_length, device=input_pos.device) == input_pos[:, None]  # (T, S)
-            mask = mask & (key_mask[:, None, None, :] | own)  # (B, 1, T, S)
+        per_row = input_pos.dim() == 2
+        mask = self.causal_mask[input_pos].unsqueeze(1) if per_row else self.causal_mask[None, None, input_pos]
+        if key_mask is not None:  # (1 or B, 1, T, S)
+            assert not per_row, "key_mask goes with positions shared by every row"
+            S = self.causal_mask.size(-1)  # the text's positions and the scratch one, which is no row's key
+            own = torch.arange(S, device=input_pos.device) == input_pos[:, None]  # (T, S)
+            keys = F.pad(key_mask, (0, S - key_mask.size(-1)))  # (B, S)
+            mask = mask & (keys[:, None, None, :] | own)  # (B, 1, T, S)
         T, window = idx.size(1), self.config.sliding_window
         if T > 1 and not torch.compiler.is_compiling():  # eager prefill: no query sees a key after the last position
             mask = mask[..., : int(input_pos.max()) + 1]
-            if (mask.size(-1) == T and key_mask is None and (window is None or T <= window)
+            if (not per_row and mask.size(-1) == T and key_mask is None and (window is None or T <= window)
                     and torch.equal(input_pos, torch.arange(T, device=input_pos.device))):
                 mask = None  # exactly causal: attention may skip the masked half (Attention.forward)
-        freqs_cis = self.freqs_cis[input_pos]  # (T, head_dim / 2, 2)
+        freqs_cis = self.freqs_cis[input_pos]  # (T, head_dim / 2, 2) or (B, T, head_dim / 2, 2)
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:  # layers may sit on several devices (tp.split_layers); .to is free on one
             dev = layer.attention_norm.weight.device
-            x = layer(x.to(dev), freqs_cis.to(dev), None if mask is None else mask.to(dev), input_pos.to(dev))
+            x = layer(x.to(dev), freqs_cis.to(dev), None if mask is None else mask.to(dev), input_pos.to(dev),
+                      cache_row)
         if last_only:  # prefill samples from the last position: the output layer need not see the others
             x = x[:, -1:]
         return self.output(self.norm(x.to(self.norm.weight.device)))

@@ -80,19 +80,33 @@ class Tokenizer:
 
 
 class Detokenizer:
-    """The text of a growing list of token ids, piece by piece: push(id) returns the text that id completes, holding
-    back a trailing incomplete UTF-8 character (decoded as U+FFFD) until the tokens that finish it arrive."""
+    """The text of a growing list of token ids, piece by piece: push(id) returns the text that id completes.
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.done = tokenizer, [], 0
+    A trailing incomplete UTF-8 character (decoded as U+FFFD) is held back until the tokens that finish it arrive.
+    Each push decodes only a short window (the tokens since the last text plus the ones before them), so a long
+    answer costs the same per token as a short one; `context`, the last tokens before the new ones (the prompt's),
+    gives the first new token its spacing as it has after them (sentencepiece drops a leading space otherwise).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: list[int] = ()):
+        self.tokenizer, self.ids = tokenizer, list(context)
+        self.start, self.read = 0, len(self.ids)  # ids[start:read]: decoded already, kept as the window's context
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        before = self.tokenizer.decode(self.ids[self.start:self.read])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
             return ""
-        new, self.done = text[self.done:], len(text)
-        return new
+        self.start, self.read = self.read, len(self.ids)
+        return text[len(before):]
+
+    def flush(self) -> str:
+        """The text held back, as decoding all the ids gives it (an incomplete character as U+FFFD), at the end."""
+        before = self.tokenizer.decode(self.ids[self.start:self.read])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        self.start = self.read = len(self.ids)
+        return text[len(before):]
 
 
 def _read_json(path: Path) -> dict:

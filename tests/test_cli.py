@@ -12,6 +12,7 @@ import benchmark
 import eval as ev
 import generate
 import quantize
+import server
 
 
 def test_cli_tiny_model_greedy_streams_in_a_real_process(tiny_llama):
@@ -97,7 +98,7 @@ def test_cli_bad_input_is_one_clear_line(tiny_llama, capsys, args, message):
     assert_one_line_error(code, err, message)
 
 
-@pytest.mark.parametrize("module", [generate, ev, benchmark, quantize])
+@pytest.mark.parametrize("module", [generate, ev, benchmark, quantize, server])
 def test_parser_defaults_are_mains(module):
     """One source of defaults: every flag's parser default equals main's keyword default (required flags aside)."""
     params = inspect.signature(module.main).parameters
