@@ -13,7 +13,7 @@ instead of into it.
 
 Precisions: fp32 and bf16 run the float checkpoint; int8 and int4 (group 32) run quantize.py's
 checkpoints beside it (made on first use), in the activation precision --precision auto gives them
-(generate.resolve_precision).
+(checkpoint.resolve_precision).
 transformers runs the float precisions from the same weights (convert_hf_checkpoint.to_hf_state_dict).
 llama.cpp (through llama-cpp-python, an optional dependency: `pip install llama-cpp-python`) runs GGUF
 files made from the same checkpoint: F32 / BF16 written by scripts/convert_gguf.export_gguf, Q8_0 and
@@ -22,6 +22,7 @@ Prints a markdown table; --json writes the rows.
 """
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,22 +34,24 @@ from typing import Callable
 import torch
 
 import quantize
-from checkpoint import Checkpoint
+import serve_bench
+from checkpoint import PRECISIONS, Checkpoint, resolve_precision
 from cli import run_cli
 from generate import (
     DEFAULT_CHECKPOINT,
-    PRECISIONS,
     compile_step,
     decode_one_token,
+    decode_rows,
     generate,
     load_model,
     resolve_device,
-    resolve_precision,
 )
-from memory import bytes_read_per_token, model_bytes_read_per_token, peak_memory_bytes
+from kernels import release_freed_memory
+from memory import Sizer, bytes_read_per_token, copy_bandwidth, model_bytes_read_per_token, peak_memory_bytes
 from tokenizer import get_tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "scripts"))
 from convert_gguf import export_gguf  # noqa: E402
 from convert_hf_checkpoint import to_hf_config, to_hf_state_dict  # noqa: E402
 
@@ -68,19 +71,6 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     while len(ids) < n:
         ids += tokenizer.encode(TEXT, add_special_tokens=False)
     return ids[:n]
-
-
-def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """The machine's memory bandwidth in GB/s: bytes read + written by a large tensor copy (best of repeats)."""
-    n = int(gib * 2**30) // 4
-    src, dst = torch.ones(n), torch.empty(n)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n * 4 / best / 1e9
 
 
 def timed_generate(run, n_new: int) -> tuple[float, float]:
@@ -124,7 +114,7 @@ def checkpoint_for(checkpoint: Path, precision: str) -> Path:
 
 def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_size, compiled) -> Runner:
     ckpt = Checkpoint.open(checkpoint_for(checkpoint, precision))
-    activations = resolve_precision("auto" if precision in QUANTIZED else precision, ckpt, device)
+    activations = resolve_precision("auto" if precision in QUANTIZED else precision, ckpt.quantization, device)
     model = load_model(ckpt, device, activations)
     step = compile_step(decode_one_token, device) if compiled else decode_one_token
 
@@ -230,7 +220,7 @@ def bench_llama_cpp(checkpoint, device, precision, ids, n_new, batch_size) -> Ru
                                                   "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
 
-def serve(spec: dict) -> None:
+def run_worker(spec: dict) -> None:
     """The worker process of one row: load the system that spec names, then answer the parent's commands, one
     JSON line each way: warm-up at batch b (its time), one timed run at batch b, and at the end the row's info."""
     device = resolve_device(spec["device"])
@@ -263,7 +253,7 @@ REPLY = "@@benchmark "  # marks the worker's answers among whatever else its lib
 
 
 class Worker:
-    """The parent's handle on one row's worker process (serve)."""
+    """The parent's handle on one row's worker process (run_worker)."""
 
     def __init__(self, spec: dict):
         """Start the worker; it loads its system while the others start too (ready() waits for it)."""
@@ -337,21 +327,163 @@ def measure(specs: dict, runs: int, batch_size: int) -> dict:
     return rows
 
 
+# ---- memory: memory.py's estimate beside the measured peak ---------------------------------------------------
+
+def reset_peak() -> bool:
+    """Start the process's peak resident memory (VmHWM) again from what it holds now (Linux /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_cases(spec: dict) -> list[dict]:
+    """In a fresh process: load spec's checkpoint and precision on the CPU; then, for each (rows, context) of spec's
+    cases, smallest first: fill a KV cache of that size (every page written), run one decode step of every row at its
+    last position and one prefill chunk, and free it. Each case's measured peak is the larger of the load's peak and
+    that case's own (VmHWM started again before it), beside memory.py's estimate of it."""
+    dev, chunk = torch.device("cpu"), spec["chunk"]
+    ckpt = Checkpoint.open(checkpoint_for(Path(spec["checkpoint"]), spec["precision"]))
+    precision = resolve_precision("auto" if spec["precision"] in QUANTIZED else spec["precision"], ckpt.quantization,
+                                  dev)
+    model = load_model(ckpt, dev, precision)
+    load_peak, sizer, out = peak_memory_bytes(dev), Sizer.of(ckpt, precision, dev), []
+    for rows, context in sorted(spec["cases"], key=lambda c: c[0] * c[1]):
+        if not reset_peak() and out:
+            raise RuntimeError("cannot measure several cases in one process here (no /proc/self/clear_refs)")
+        model.setup_caches(rows, context)
+        for block in model.layers:
+            block.attention.kv_cache.k_cache.fill_(0.01)
+            block.attention.kv_cache.v_cache.fill_(0.01)
+        with torch.no_grad():
+            decode_rows(model, torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), context - 1))
+            model(torch.zeros(1, chunk, dtype=torch.long), torch.arange(chunk), last_only=True, cache_row=0)
+        est = sizer.at(rows, context, chunk)
+        out.append({"precision": spec["precision"], "rows": rows, "context": context, "chunk": chunk,
+                    "measured_bytes": max(load_peak, peak_memory_bytes(dev)), "estimate_bytes": est.total_bytes,
+                    "weights_bytes": est.weights_bytes, "kv_cache_bytes": est.kv_cache_bytes})
+        for block in model.layers:  # let the cache go before the next one
+            block.attention.kv_cache = None
+        model.max_batch_size = model.max_seq_length = -1
+        release_freed_memory()
+    return out
+
+
+def memory_table(checkpoint: Path, precisions: list[str], rows: list[int], contexts: list[int], chunk: int = 64,
+                 parallel: int = 2) -> list[dict]:
+    """memory_cases for every precision x rows x context: a fresh process per precision (`parallel` at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(spec):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_case", json.dumps(spec)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((x for x in out.stdout.splitlines() if x.startswith(REPLY)), None)
+        if line is None:
+            raise RuntimeError(f"memory case {spec} failed: {out.stderr.strip().splitlines()[-1:]}")
+        return json.loads(line[len(REPLY):])
+
+    for p in precisions:  # quantized checkpoints made here, not inside a measured process
+        checkpoint_for(checkpoint, p)
+    specs = [{"checkpoint": str(checkpoint), "precision": p, "chunk": chunk,
+              "cases": [[r, c] for r in rows for c in contexts]} for p in precisions]
+    with ThreadPoolExecutor(parallel) as pool:
+        return [case for cases in pool.map(one, specs) for case in cases]
+
+
+def print_memory_table(cases: list[dict]) -> None:
+    print("| precision | rows x context | estimated peak MiB | measured peak MiB | estimate off by |")
+    print("|---|---|---:|---:|---:|")
+    for c in cases:
+        off = c["estimate_bytes"] / c["measured_bytes"] - 1
+        print(f"| {c['precision']} | {c['rows']} x {c['context']} | {c['estimate_bytes'] / 2**20:.0f} "
+              f"| {c['measured_bytes'] / 2**20:.0f} | {off:+.1%} |")
+
+
+# ---- serving: our server and llama.cpp's, through the same OpenAI chat endpoint ---------------------------------
+
+def serving_files(checkpoint: Path) -> tuple[Path, Path | None]:
+    """(our int4 weights, the GGUF of the same weights for llama-server or None). The default model's folder keeps
+    the GGUF's own Q4_1 blocks as model_gguf.pth, and the GGUF itself is in the cache; any other checkpoint runs
+    quantize.py's int4 beside llama.cpp's Q4_1 made from its float weights (that needs llama-cpp-python)."""
+    weights = Checkpoint.open(checkpoint).weights
+    own = weights.with_name("model_gguf.pth")
+    if own.is_file() and weights.parent.resolve() == (ROOT / DEFAULT_CHECKPOINT).parent.resolve():
+        from default_model import fetch_gguf  # scripts/ is on the path (above)
+
+        return own, fetch_gguf()
+    try:
+        return checkpoint_for(weights, "int4"), llama_cpp_gguf(weights, "int4")
+    except ImportError:
+        return checkpoint_for(weights, "int4"), None
+
+
+def main_serve(checkpoint: Path, clients: list[int], rate: float | None, requests: int, max_new_tokens: int, rows: int,
+               context: int, prompts: Path, compile: bool, llama_server: str | None, json_path: Path | None) -> list:
+    """Start server.py (and llama-server, where found) on the same int4 weights, run every load shape on both."""
+    chats = serve_bench.load_prompts(prompts)
+    ours, gguf = serving_files(checkpoint)
+    binary = shutil.which(llama_server or "llama-server") if llama_server != "" else None
+    if llama_server and binary is None:
+        raise ValueError(f"--llama_server {llama_server!r} not found; build it as docs/benchmarks.md says")
+    started = {}
+    try:
+        port = serve_bench.free_port()
+        started["fastllama"] = serve_bench.ServerProcess(
+            [sys.executable, ROOT / "server.py", "--checkpoint_path", ours, "--rows", rows, "--context", context,
+             "--port", port] + (["--compile"] if compile else []), port)
+        if binary and gguf:
+            port = serve_bench.free_port()
+            started["llama.cpp"] = serve_bench.ServerProcess(
+                [binary, "-m", gguf, "--parallel", rows, "-c", rows * context, "-t", torch.get_num_threads(),
+                 "--port", port, "--host", "127.0.0.1", "--no-webui"], port)
+        for s in started.values():
+            s.ready()
+        shapes = serve_bench.loads(clients, rate)
+        rows_out = serve_bench.run({k: s.port for k, s in started.items()}, shapes, chats, requests, max_new_tokens)
+    finally:
+        for s in started.values():
+            s.stop()
+    serve_bench.print_table(rows_out, max_new_tokens, requests)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(rows_out, indent=2) + "\n")
+    return rows_out
+
+
 # ---- the command ---------------------------------------------------------------------------------------
 
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = None,
          precisions: str = "fp32,bf16,int8,int4", compare: str | None = None, eager: bool = False,
-         prompt_tokens: int = 256, max_new_tokens: int = 128, batch_size: int = 4, runs: int = 5,
-         json_path: Path | None = None, worker_spec: str | None = None) -> list[dict]:
+         prompt_tokens: int = 256, max_new_tokens: int | None = None, batch_size: int = 4, runs: int = 5,
+         json_path: Path | None = None, worker_spec: str | None = None, memory: bool = False,
+         memory_case_spec: str | None = None, serve: bool = False, clients: str = "1,2,4,8,16", rate: float = 2.0,
+         requests: int = 32, rows: int = 8, context: int = 1024, prompts: Path = serve_bench.PROMPTS,
+         llama_server: str | None = None) -> list[dict]:
     """Benchmark each precision and system; print a markdown table; return (and optionally save) the rows."""
     if worker_spec is not None:
-        serve(json.loads(worker_spec))
+        run_worker(json.loads(worker_spec))
         return []
+    if memory_case_spec is not None:
+        print(REPLY + json.dumps(memory_cases(json.loads(memory_case_spec))), flush=True)
+        return []
+    if serve:
+        counts = [int(c) for c in clients.split(",") if c.strip()]
+        if not counts or min(counts) < 1 or min(requests, rows, context) < 1 or rate < 0:
+            raise ValueError("--clients needs positive counts; --requests, --rows, --context at least 1; --rate >= 0")
+        return main_serve(Path(checkpoint_path), counts, rate or None, requests, 64 if max_new_tokens is None
+                          else max_new_tokens, rows, context, prompts, not eager, llama_server, json_path)
+    max_new_tokens = 128 if max_new_tokens is None else max_new_tokens
     dev = resolve_device(device)
     names = [p.strip() for p in precisions.split(",") if p.strip()]
     bad = [p for p in names if p not in BENCH_PRECISIONS]
     if bad or not names:
         raise ValueError(f"unknown precision(s) {bad}; choose from {', '.join(BENCH_PRECISIONS)}")
+    if memory:
+        cases = memory_table(Path(checkpoint_path), names, [1, batch_size], [2048, 8192])
+        print_memory_table(cases)
+        if json_path is not None:
+            Path(json_path).write_text(json.dumps(cases, indent=2) + "\n")
+        return cases
     others = [s.strip() for s in (compare or "").split(",") if s.strip()]
     if any(s not in SYSTEMS for s in others):
         raise ValueError(f"--compare {compare!r}: choose from {', '.join(SYSTEMS)} (comma-separated)")
@@ -426,11 +558,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=False,
                    help="also run fastllama without compile")
     p.add_argument("--prompt_tokens", type=int, default=256, help="prompt length in tokens (prefill)")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens generated per run")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="tokens generated per run (128; --serve: 64)")
     p.add_argument("--batch_size", type=int, default=4, help="the batch size measured besides batch 1")
     p.add_argument("--runs", type=int, default=5, help="timed runs per row (after one warm-up)")
     p.add_argument("--json", dest="json_path", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--memory", action="store_true",
+                   help="instead: memory.py's estimate beside the measured peak, rows 1 and --batch_size, contexts "
+                        "2048 and 8192 (CPU)")
+    g = p.add_argument_group("serving (--serve): server.py and llama-server on the same int4 weights, OpenAI chat")
+    g.add_argument("--serve", action="store_true", help="instead: the serving benchmark (compiled unless --eager)")
+    g.add_argument("--clients", type=str, default="1,2,4,8,16", help="closed-loop client counts")
+    g.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second (0: none)")
+    g.add_argument("--requests", type=int, default=32, help="requests per load shape and system")
+    g.add_argument("--rows", type=int, default=8, help="our server's rows = llama-server's --parallel slots")
+    g.add_argument("--context", type=int, default=1024, help="positions per row / slot")
+    g.add_argument("--prompts", type=Path, default=serve_bench.PROMPTS, help="chats, one JSON object per line")
+    g.add_argument("--llama_server", type=str, default=None,
+                   help="llama-server binary (default: llama-server on PATH if there; '' for none)")
     p.add_argument("--worker_spec", type=str, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory_case", dest="memory_case_spec", type=str, default=None, help=argparse.SUPPRESS)
     return p
 
 

@@ -19,6 +19,7 @@ from model import ModelArgs, Transformer
 
 WEIGHTS_NAME = "model.pth"
 QUANTIZATION_MODES = ("int8", "int4", "int4-gptq")
+PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # activations
 # written by earlier versions and no longer read; accepted in old files, never written
 _RETIRED_FORMAT_KEYS = {"gguf_file", "gguf_tensor_types", "model_type", "quantized_from"}
 _RETIRED_QUANTIZATION_KEYS = {"embedding", "output"}
@@ -66,6 +67,16 @@ class Format:
         q = self.quantization
         what = self.dtype if q is None else q.mode + (f" g{q.groupsize}" if q.groupsize else "")
         return f"{what} weights from {self.source}" + (f" ({self.name})" if self.name else "")
+
+
+def resolve_precision(precision: str, quantization: Quantization | None, device: torch.device) -> str:
+    """--precision, with "auto" made concrete: bf16 for float checkpoints; for int8 / int4 ones fp32 on a CPU (the
+    kernels compute in float32, so bf16 would only add conversions) and bf16 on CUDA (torch's int4 kernel needs it)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "fp32" if quantization is not None and device.type == "cpu" else "bf16"
 
 
 def config_path(weights: Path) -> Path:

@@ -15,18 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from checkpoint import Checkpoint
+from checkpoint import PRECISIONS, Checkpoint, resolve_precision
 from cli import run_cli
 from generate import (
     DEFAULT_CHECKPOINT,
-    PRECISIONS,
     compile_step,
     decode_one_token,
     generate,
     left_pad,
     load_model,
     resolve_device,
-    resolve_precision,
     until_stop,
 )
 from tokenizer import get_tokenizer
@@ -223,7 +221,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | 
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError("--batch_size and --limit must be at least 1")
     ckpt, dev = Checkpoint.open(checkpoint_path), resolve_device(device)
-    precision = resolve_precision(precision, ckpt, dev)
+    precision = resolve_precision(precision, ckpt.quantization, dev)
     model, tokenizer = load_model(ckpt, dev, precision), get_tokenizer(ckpt.folder)
     seq = max_seq_length or min(model.config.block_size, 1024 if perplexity_file else 2048)
     out = {}

@@ -22,14 +22,13 @@ import layers
 import prefix_cache
 import speculative
 import tp
-from checkpoint import Checkpoint
-from memory import model_bytes_read_per_token, peak_memory_bytes
+from checkpoint import PRECISIONS, Checkpoint, resolve_precision
+from memory import Sizer, available_bytes, check_fits, model_bytes_read_per_token, peak_memory_bytes
 from model import Transformer, fit_context
 from tokenizer import get_tokenizer, tokenizer_fingerprint
 
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
 DEFAULT_PROMPT = "Hello, my name is"
-PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ---- sampling: pure functions of the logits ---------------------------------------------------------------
@@ -193,16 +192,6 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def resolve_precision(precision: str, ckpt: Checkpoint, device: torch.device) -> str:
-    """--precision, with "auto" made concrete: bf16 for float checkpoints; for int8 / int4 ones fp32 on a CPU (the
-    kernels compute in float32, so bf16 would only add conversions) and bf16 on CUDA (torch's int4 kernel needs it)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    return "fp32" if ckpt.quantization is not None and device.type == "cpu" else "bf16"
-
-
 def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None) -> Transformer:
     """The Transformer of a checkpoint (a Checkpoint, a folder or its model.pth) on device, in precision.
 
@@ -211,7 +200,7 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
     """
     ckpt = Checkpoint.open(checkpoint)
     device = torch.device(device)
-    dtype = PRECISIONS[resolve_precision(precision, ckpt, device)]
+    dtype = PRECISIONS[resolve_precision(precision, ckpt.quantization, device)]
     model = ckpt.build()
     model.load_state_dict(ckpt.state_dict(), assign=True)
     model = model.to(device=device, dtype=dtype).eval()
@@ -310,7 +299,11 @@ def main(*, prompt: str | list[str] | None = None, interactive: bool = False, nu
     if seed is not None or tp.world()[1] > 1:
         torch.manual_seed(1234 if seed is None else seed)  # every rank must sample the same tokens
     ckpt = Checkpoint.open(checkpoint_path)
-    precision, t0 = resolve_precision(precision, ckpt, dev), time.perf_counter()
+    precision, t0 = resolve_precision(precision, ckpt.quantization, dev), time.perf_counter()
+    context = max_seq_length or (min(2048, ckpt.args.block_size) if interactive else None)
+    if context is not None and tp.world()[1] == 1 and not stages:  # refuse before allocating anything
+        est = Sizer.of(ckpt, precision, dev).at(batch_size, min(context, ckpt.args.block_size))
+        check_fits(est, available_bytes(dev), "--batch_size / --max_seq_length")
     model, tokenizer = load_model(ckpt, dev, precision, transform=transform), get_tokenizer(ckpt.folder)
     rank, world_size = tp.world()
     tp.log(f"loaded {ckpt.weights} ({ckpt.format.describe()}; {precision} on {dev}"
@@ -350,6 +343,7 @@ def main(*, prompt: str | list[str] | None = None, interactive: bool = False, nu
                       batch_size=batch_size, bytes_per_token=size, profile=profile, speculate=room > 0)
     tp.log(f"model size {size / 1e9:.3f} GB{' per rank' if world_size > 1 else ''}; "
            f"peak memory {peak_memory_bytes(dev) / 1e9:.2f} GB")
+    tp.finish()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ Weight layouts (the kernels' own; layers.py converts the device-independent chec
 The int8 / int4 kernels round activations to int16 per block of 32 (error below 1/65000 of the block's largest
 value, far finer than bf16); quantized_kernel says which layers they take.
 """
+import ctypes
+import ctypes.util
 import functools
 import mmap
 import os
@@ -234,40 +236,65 @@ def dequantize_int4_kernel(w: Tensor, dm: Tensor) -> Tensor:
 
 # ---- weights in huge pages --------------------------------------------------------------------------------
 
-def in_huge_pages(tensors: list[Tensor]) -> list[Tensor]:
-    """Copies of CPU tensors, side by side in one anonymous mapping that Linux may back with 2 MiB pages.
-
-    Each copy has its own storage (torch.frombuffer), so torch.compile sees no aliasing between them. Where
-    madvise(MADV_HUGEPAGE) is unavailable the copies are still correct, only in small pages.
-    """
-    sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]
-    arena = mmap.mmap(-1, max(sum(sizes), 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+def huge_page_arena(nbytes: int) -> mmap.mmap:
+    """An anonymous mapping of nbytes that Linux may back with 2 MiB pages (madvise MADV_HUGEPAGE where available;
+    elsewhere it still works, in small pages)."""
+    arena = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             arena.madvise(mmap.MADV_HUGEPAGE)
         except OSError:
             pass
-    out, offset = [], 0
-    for t, n in zip(tensors, sizes):
-        raw = torch.frombuffer(arena, dtype=torch.uint8, count=t.numel() * t.element_size(), offset=offset)
-        out.append(raw.view(t.dtype).view(t.shape).copy_(t))
-        offset += n
-    return out
+    return arena
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap's freed pages back to the system (glibc malloc_trim; a no-op elsewhere). glibc keeps freed
+    blocks under its adaptive mmap threshold (up to 32 MiB) in the heap, so the copies a load makes and drops would
+    otherwise stay resident."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def weights_in_huge_pages(module: nn.Module) -> None:
-    """Move every parameter and buffer of a CPU module into huge pages (in_huge_pages); tied ones stay tied.
+    """Move every parameter and buffer of a CPU module into one huge-page arena; tied ones stay tied.
 
     A decode step streams every weight once. In 4 KiB pages (how the checkpoint's mmap and repacked int4
     weights come) each 4 KiB costs a TLB miss and restarts the hardware prefetcher (docs/kernels.md).
+    Each copy has its own storage (torch.frombuffer), so torch.compile sees no aliasing between them. Tensors move
+    one at a time and the module lets each original go once copied (its memory back to the system every 8 MiB),
+    so the load holds the weights about once more than they take, not twice (memory.load_bytes).
     """
-    slots = [(m, kind, name, t) for m in module.modules() for kind in ("_parameters", "_buffers")
-             for name, t in getattr(m, kind).items() if t is not None and t.device.type == "cpu" and t.numel()]
-    unique = list({id(t): t for *_, t in slots}.values())
-    moved = {id(t): nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
-             for t, c in zip(unique, in_huge_pages([t.detach() for t in unique]))}
-    for m, kind, name, t in slots:
-        getattr(m, kind)[name] = moved[id(t)]
+    slots: dict[int, list] = {}  # id(tensor) -> [tensor, (module, kind, name), ...]
+    for m in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(m, kind).items():
+                if t is not None and t.device.type == "cpu" and t.numel():
+                    slots.setdefault(id(t), [t]).append((m, kind, name))
+    sizes = [(e[0].numel() * e[0].element_size() + 63) // 64 * 64 for e in slots.values()]
+    arena, offset, freed = huge_page_arena(sum(sizes)), 0, 0
+    for key, n in zip(list(slots), sizes):
+        t, *where = slots.pop(key)
+        raw = torch.frombuffer(arena, dtype=torch.uint8, count=t.numel() * t.element_size(), offset=offset)
+        c = raw.view(t.dtype).view(t.shape).copy_(t.detach())
+        c = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+        for m, kind, name in where:
+            getattr(m, kind)[name] = c
+        del t, raw, c, where
+        offset, freed = offset + n, freed + n
+        if freed >= 8 * 2**20:
+            release_freed_memory()
+            freed = 0
+    release_freed_memory()
 
 
 # ---- compiling a step on a CPU ----------------------------------------------------------------------------

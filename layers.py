@@ -106,12 +106,12 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.kernel = None  # set by prepare() once the module is on its device
 
-    def prepare(self) -> None:
-        """Pick the device's kernel; for kernels.cpp, repack weight and scales into its layout (new tensors, so a
-        tied embedding keeps the checkpoint's rows)."""
+    def prepare(self, device: torch.device | None = None) -> None:
+        """Pick the kernel of the device (default: the module's; memory.py sizes a meta module for another); for
+        kernels.cpp, repack weight and scales into its layout (new tensors, so a tied embedding keeps its rows)."""
         if self.kernel is not None:
             return
-        self.kernel = kernels.quantized_kernel(self.weight.device, self.in_features, self.out_features)
+        self.kernel = kernels.quantized_kernel(device or self.weight.device, self.in_features, self.out_features)
         if self.kernel == "cuda" and self.scales.dim() == 2:
             self.kernel = "torch"  # torch's CUDA int8 kernel is per channel only
         if self.kernel == "cpp":
@@ -155,12 +155,12 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.kernel = None  # set by prepare(), which packs `weight` for it
 
-    def prepare(self) -> None:
-        """Repack the device-independent nibbles into the layout of this device's int4 kernel."""
+    def prepare(self, device: torch.device | None = None) -> None:
+        """Repack the device-independent nibbles into the layout of the device's int4 kernel (as Int8Linear's)."""
         if self.kernel is not None:
             return
         q = unpack_int4(self.weight)
-        kernel = kernels.quantized_kernel(self.weight.device, self.in_features, self.out_features)
+        kernel = kernels.quantized_kernel(device or self.weight.device, self.in_features, self.out_features)
         if kernel == "cpp":  # (d, m) = (s, z - 8 s) per group, float16 (quantize_int4 makes them exact)
             s, z = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, G) each
             self.weight, self.scales_and_zeros = kernels.int4_to_kernel(q, s, z - 8 * s)
@@ -205,13 +205,13 @@ def swap_modules(model: nn.Module, quantization) -> None:
     model.tok_embeddings = Int8Embedding(emb.num_embeddings, emb.embedding_dim, quantization.int8_groupsize)
 
 
-def prepare(model: nn.Module) -> None:
-    """Pick each quantized layer's kernel for the device it is on (and repack its weights for it); give a
+def prepare(model: nn.Module, device: torch.device | None = None) -> None:
+    """Pick each quantized layer's kernel for the device it is on, or `device` (and repack its weights for it); give a
     feed-forward whose w1 and w3 both use kernels.cpp's int8 kernel the fused int8_glu. On CPU a tied output
     layer gets its own copy in the kernel's layout: 8-row groups would make every embedding lookup a gather."""
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
-            m.prepare()
+            m.prepare(device)
     for m in model.modules():
         if not isinstance(m, FeedForward):
             continue

@@ -192,11 +192,11 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    def __init__(self, max_batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype):
+    def __init__(self, max_batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype, device=None):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int = 0) -> tuple[Tensor, Tensor]:
         """Write k, v (B, n_kv, T, D) into cache rows row..row+B-1 at positions input_pos: (T,) for every row, or
@@ -330,7 +330,7 @@ class Transformer(nn.Module):
         S = max_seq_length + 1  # with the scratch position
         for block in self.layers:  # each block's own heads (fewer under tensor parallelism) and device
             a, w = block.attention, block.attention_norm.weight
-            a.kv_cache = KVCache(max_batch_size, S, a.n_kv_heads, a.head_dim, dtype).to(w.device)
+            a.kv_cache = KVCache(max_batch_size, S, a.n_kv_heads, a.head_dim, dtype, w.device)
         freqs = precompute_freqs_cis(S, c.head_dim, c.rope_base, c.rope_scaling)
         self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
         pos = torch.arange(S, device=device)

@@ -28,20 +28,19 @@ from starlette.exceptions import HTTPException
 
 import protocol as api
 import tp
-from checkpoint import Checkpoint
+from checkpoint import PRECISIONS, Checkpoint, resolve_precision
 from cli import run_cli
 from engine import Engine, Metrics, Output, QueueFull, Sampling
 from engine import Request as EngineRequest
 from generate import (
     DEFAULT_CHECKPOINT,
-    PRECISIONS,
     compile_step,
     decode_rows,
     load_model,
     resolve_device,
-    resolve_precision,
 )
 from kernels import GEMV_MAX_ROWS
+from memory import Sizer, available_bytes, plan
 from model import fit_context
 from tokenizer import Tokenizer, get_tokenizer
 
@@ -437,13 +436,12 @@ def prometheus(m: Metrics, running: int, waiting: int) -> str:
 
 # ---- the command ------------------------------------------------------------------------------------------
 
-def load_served(checkpoint_path: Path, device: torch.device, precision: str, rows: int, context: int | None,
+def load_served(checkpoint_path: Path, device: torch.device, precision: str, rows: int, context: int,
                 chunk: int, max_queue: int, compile: bool, name: str | None, url: str) -> Served:
     """Load the model, build the engine (compiling and warming up its decode step with --compile) and say so."""
     ckpt = Checkpoint.open(checkpoint_path)
-    precision = resolve_precision(precision, ckpt, device)
+    precision = resolve_precision(precision, ckpt.quantization, device)
     model, tokenizer = load_model(ckpt, device, precision), get_tokenizer(ckpt.folder)
-    context = context or min(model.config.block_size, 4096)
     step = compile_step(decode_rows, device) if compile else decode_rows
     engine = Engine(model, tokenizer, rows=rows, context=context, chunk=chunk, decode_step=step, max_queue=max_queue)
     if compile:  # compile now, not on the first request: every row idle, at the scratch position
@@ -468,8 +466,12 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, host: str = "127.0.0.1",
     """Serve the checkpoint over HTTP until interrupted."""
     if min(rows, chunk, max_queue + 1, port) < 1 or (context is not None and context < 2):
         raise ValueError("--rows, --chunk and --port must be at least 1, --max_queue at least 0, --context at least 2")
-    Checkpoint.open(checkpoint_path)  # a missing checkpoint is one line before the server starts
+    ckpt = Checkpoint.open(checkpoint_path)  # a missing checkpoint is one line before the server starts
     dev, url, failures = resolve_device(device), f"http://{host}:{port}", []
+    # rows x context from memory.py: the context given, else the model's (at most 4096) cut to what fits; one line
+    # with the numbers, before the server starts, for a setting that cannot fit
+    sizer = Sizer.of(ckpt, resolve_precision(precision, ckpt.quantization, dev), dev)
+    context = plan(sizer, available_bytes(dev), rows, context, chunk).context
 
     def failed(e: BaseException) -> None:
         failures.append(e)
@@ -489,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", type=str, default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--rows", type=int, default=8, help="requests decoded together: rows of the KV cache")
-    p.add_argument("--context", type=int, default=None, help="positions per row (default: the model's, at most 4096)")
+    p.add_argument("--context", type=int, default=None,
+                   help="positions per row (default: the model's, at most 4096, less if the memory asks)")
     p.add_argument("--chunk", type=int, default=64, help="prompt tokens prefilled per engine iteration")
     p.add_argument("--max_queue", type=int, default=64, help="requests that may wait for a row; more get 503")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (at startup)")

@@ -49,6 +49,14 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
+def finish() -> None:
+    """Leave the process group together: every rank waits for the others before gloo / NCCL are torn down (a rank
+    that tears its group down while a peer still talks to it can abort that peer)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _chunk(t: Tensor, dim: int, parts: list[int] | None, rank: int, size: int) -> Tensor:
     """This rank's slice of t along dim: of each part (sizes along dim) when given, else of the whole."""
     pieces = t.split(parts, dim) if parts else [t]

@@ -1,7 +1,6 @@
 """What the tests share: tiny seeded Hugging Face models, running the commands (in process, or as a real process
 where streaming or torchrun is the point), greedy references and the steps speculative decoding takes."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -115,10 +114,6 @@ def spec_steps(compiled: bool = False) -> dict:
                 verify_step=gen.compile_step(gen.verify, cpu) if compiled else gen.verify)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 needs_avx2 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),

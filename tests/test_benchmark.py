@@ -64,3 +64,64 @@ def test_benchmark_bad_input(tiny_llama):
         benchmark.main(checkpoint_path=tiny_llama[1], device="cpu", precisions="fp64")
     with pytest.raises(ValueError, match="choose from"):
         benchmark.main(checkpoint_path=tiny_llama[1], device="cpu", compare="vllm")
+
+
+# ---- benchmark.py --serve (serve_bench.py) ----------------------------------------------------------------------
+
+@pytest.mark.real_model
+def test_serve_measures_every_load_shape(smollm2_dir, tmp_path, capsys):
+    """Our server on the default model's int4 weights, under a closed loop of 1 and 2 clients and Poisson arrivals:
+    every request answered with exactly max_tokens tokens (ignore_eos), every column filled, JSON as printed."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(smollm2_dir, folder, ignore=shutil.ignore_patterns("model_int*", "model_gguf*"))
+    rows = benchmark.main(checkpoint_path=folder, serve=True, eager=True, clients="1,2", rate=4.0, requests=4,
+                          max_new_tokens=5, rows=2, context=512, llama_server="", json_path=tmp_path / "s.json")
+    assert [(r["system"], r["load"]) for r in rows] == [
+        ("fastllama", "1 client"), ("fastllama", "2 clients"), ("fastllama", "Poisson 4/s")]
+    for r in rows:
+        assert (r["requests"], r["completed"], r["failed"], r["dropped"]) == (4, 4, 0, 0), r
+        assert r["completion_tokens"] == 4 * 5 and r["prompt_tokens"] > 4 * 10
+        assert r["requests_per_min"] > 0 and r["output_tok_s"] > 0
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["e2e_p99_s"] and r["tpot_p50_s"] > 0 and r["itl_p90_s"] > 0
+    assert json.loads((tmp_path / "s.json").read_text()) == rows
+    assert "| 2 clients |" in capsys.readouterr().out
+
+
+def test_serve_summary_counts_failed_and_dropped():
+    from serve_bench import Reply, summarize
+
+    ok = Reply(0.0, ok=True, first=0.5, gaps=[0.1, 0.1], end=0.7, completion_tokens=3, prompt_tokens=9)
+    failed = Reply(0.0, error="HTTP 503: queue full")
+    dropped = Reply(0.0, first=0.4, gaps=[0.1])  # a stream that ended without its usage and [DONE]
+    s = summarize([ok, failed, dropped], wall=2.0)
+    assert (s["requests"], s["completed"], s["failed"], s["dropped"]) == (3, 1, 1, 1)
+    assert s["requests_per_min"] == 30 and s["output_tok_s"] == 1.5 and s["ttft_p50_s"] == 0.5
+    assert s["tpot_p50_s"] == pytest.approx(0.1) and s["e2e_p90_s"] == 0.7
+
+
+def test_serve_prompts_and_load_shapes(tmp_path):
+    from serve_bench import load_prompts, loads
+
+    chats = load_prompts()
+    assert len(chats) == 100 and all(c[-1]["role"] == "user" for c in chats)
+    lengths = [sum(len(m["content"]) for m in c) for c in chats]
+    assert min(lengths) < 40 and max(lengths) > 1000  # short questions and long ones with notes
+    assert any(c[0]["role"] == "system" for c in chats) and any(len(c) == 3 for c in chats)  # multi-turn ones
+    assert loads([1, 8], 2.0) == [("1 client", "closed", 1), ("8 clients", "closed", 8),
+                                  ("Poisson 2/s", "poisson", 2.0)]
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"messages": []}\nnot json\n')
+    with pytest.raises(ValueError, match="p.jsonl:2"):
+        load_prompts(bad)
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(shutil.which("llama-server") is None,
+                    reason="llama.cpp's llama-server is not installed (not a dependency; docs/benchmarks.md builds it)")
+def test_serve_against_llama_server(tmp_path):
+    """Where llama-server is installed: both servers answer every request of the same load in full."""
+    rows = benchmark.main(serve=True, eager=True, clients="2", rate=0, requests=4, max_new_tokens=6, rows=2,
+                          context=512)
+    assert sorted(r["system"] for r in rows) == ["fastllama", "llama.cpp"]
+    for r in rows:
+        assert (r["completed"], r["failed"], r["dropped"], r["completion_tokens"]) == (4, 0, 0, 24), r

@@ -4,7 +4,6 @@ import concurrent.futures
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -14,50 +13,29 @@ import openai
 import pytest
 import schemathesis
 import torch
-from helpers import ROOT, free_port, run_in_process
+from helpers import ROOT, run_in_process
 from hypothesis import HealthCheck, given, settings
 
 import generate as gen
 from generate import generate, load_model
+from serve_bench import ServerProcess, free_port
 from tokenizer import get_tokenizer
 
 CHUNK = 16
 
 
-class Server:
-    """A server.py process on a free port of 127.0.0.1; stop() ends it."""
+class Server(ServerProcess):
+    """A server.py process on a free port of 127.0.0.1, ready when constructed; stop() ends it."""
 
     def __init__(self, checkpoint, *args, timeout: float = 120):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--checkpoint_path", str(checkpoint),
-                                      "--port", str(self.port), "--device", "cpu", *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server.py exited: {self.proc.stdout.read()}")
-            try:
-                if get(self.url + "/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server.py was not ready in time")
+        port = free_port()
+        super().__init__([sys.executable, ROOT / "server.py", "--checkpoint_path", checkpoint, "--port", port,
+                          "--device", "cpu", *args], port, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        self.url = f"http://127.0.0.1:{port}"
+        self.ready(timeout)
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            out, _ = self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out
 
 
 def get(url: str) -> tuple[int, str]:

@@ -6,11 +6,12 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import ROOT, free_port, greedy_text, run_in_process
+from helpers import ROOT, greedy_text, run_in_process
 
 import generate as gen
 import tp
 from generate import generate, load_model
+from serve_bench import free_port
 
 IDX = torch.tensor([[5, 80, 13, 200, 7, 9, 301, 44]])
 
@@ -31,7 +32,7 @@ def _worker(rank: int, size: int, port: int, path, out):
     logits, tokens = reference(path, tp.shard)
     if rank == 0:
         torch.save({"logits": logits, "tokens": tokens}, out)
-    torch.distributed.destroy_process_group()
+    tp.finish()
 
 
 @pytest.mark.parametrize("mode", ["fp32", "int8"])
