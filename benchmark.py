@@ -402,27 +402,29 @@ def print_memory_table(cases: list[dict]) -> None:
 
 # ---- serving: our server and llama.cpp's, through the same OpenAI chat endpoint ---------------------------------
 
-def serving_files(checkpoint: Path) -> tuple[Path, Path | None]:
-    """(our int4 weights, the GGUF of the same weights for llama-server or None). The default model's folder keeps
-    the GGUF's own Q4_1 blocks as model_gguf.pth, and the GGUF itself is in the cache; any other checkpoint runs
-    quantize.py's int4 beside llama.cpp's Q4_1 made from its float weights (that needs llama-cpp-python)."""
+def serving_files(checkpoint: Path, gguf: Path | None) -> tuple[Path, Path | None]:
+    """(our int4 weights, the GGUF of the same weights for llama-server, or None). A folder made from a Q4_1 GGUF
+    keeps the file's own blocks as model_gguf.pth: we serve those, llama-server the GGUF (`gguf`, or for the default
+    model the cached one). Any other checkpoint serves quantize.py's int4 beside llama.cpp's Q4_1 made from its float
+    weights (that needs llama-cpp-python; without it, llama-server is left out)."""
     weights = Checkpoint.open(checkpoint).weights
     own = weights.with_name("model_gguf.pth")
-    if own.is_file() and weights.parent.resolve() == (ROOT / DEFAULT_CHECKPOINT).parent.resolve():
+    if own.is_file() and (gguf is not None or weights.parent.resolve() == (ROOT / DEFAULT_CHECKPOINT).parent.resolve()):
         from default_model import fetch_gguf  # scripts/ is on the path (above)
 
-        return own, fetch_gguf()
+        return own, gguf or fetch_gguf()
     try:
-        return checkpoint_for(weights, "int4"), llama_cpp_gguf(weights, "int4")
+        return checkpoint_for(weights, "int4"), gguf or llama_cpp_gguf(weights, "int4")
     except ImportError:
         return checkpoint_for(weights, "int4"), None
 
 
 def main_serve(checkpoint: Path, clients: list[int], rate: float | None, requests: int, max_new_tokens: int, rows: int,
-               context: int, prompts: Path, compile: bool, llama_server: str | None, json_path: Path | None) -> list:
+               context: int, prompts: Path, compile: bool, llama_server: str | None, gguf: Path | None,
+               json_path: Path | None) -> list:
     """Start server.py (and llama-server, where found) on the same int4 weights, run every load shape on both."""
     chats = serve_bench.load_prompts(prompts)
-    ours, gguf = serving_files(checkpoint)
+    ours, gguf = serving_files(checkpoint, gguf)
     binary = shutil.which(llama_server or "llama-server") if llama_server != "" else None
     if llama_server and binary is None:
         raise ValueError(f"--llama_server {llama_server!r} not found; build it as docs/benchmarks.md says")
@@ -458,7 +460,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
          json_path: Path | None = None, worker_spec: str | None = None, memory: bool = False,
          memory_case_spec: str | None = None, serve: bool = False, clients: str = "1,2,4,8,16", rate: float = 2.0,
          requests: int = 32, rows: int = 8, context: int = 1024, prompts: Path = serve_bench.PROMPTS,
-         llama_server: str | None = None) -> list[dict]:
+         llama_server: str | None = None, gguf: Path | None = None) -> list[dict]:
     """Benchmark each precision and system; print a markdown table; return (and optionally save) the rows."""
     if worker_spec is not None:
         run_worker(json.loads(worker_spec))
@@ -471,7 +473,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
         if not counts or min(counts) < 1 or min(requests, rows, context) < 1 or rate < 0:
             raise ValueError("--clients needs positive counts; --requests, --rows, --context at least 1; --rate >= 0")
         return main_serve(Path(checkpoint_path), counts, rate or None, requests, 64 if max_new_tokens is None
-                          else max_new_tokens, rows, context, prompts, not eager, llama_server, json_path)
+                          else max_new_tokens, rows, context, prompts, not eager, llama_server, gguf, json_path)
     max_new_tokens = 128 if max_new_tokens is None else max_new_tokens
     dev = resolve_device(device)
     names = [p.strip() for p in precisions.split(",") if p.strip()]
@@ -575,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", type=Path, default=serve_bench.PROMPTS, help="chats, one JSON object per line")
     g.add_argument("--llama_server", type=str, default=None,
                    help="llama-server binary (default: llama-server on PATH if there; '' for none)")
+    g.add_argument("--gguf", type=Path, default=None,
+                   help="the GGUF llama-server runs (default: the default model's, or llama.cpp's Q4_1 of the weights)")
     p.add_argument("--worker_spec", type=str, default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory_case", dest="memory_case_spec", type=str, default=None, help=argparse.SUPPRESS)
     return p

@@ -1,8 +1,8 @@
 """CPU fast paths: the C++ ops of kernels.cpp, when each one may run (OPS, the one table), their PyTorch reference,
 the kernels' weight layouts, weights in huge pages, and how a step is compiled on a CPU (compile_cpu).
 
-kernels.cpp is compiled once per source version with torch.utils.cpp_extension (cached under
-~/.cache/torch_extensions) the first time a model is loaded on an AVX2 CPU (cpu_kernels). Its ops,
+kernels.cpp is compiled once per source content with torch.utils.cpp_extension (in ~/.cache/torch_extensions/
+fastllama_kernels_<hash>, build_directory) the first time a model is loaded on an AVX2 CPU (cpu_kernels). Its ops,
 torch.ops.fastllama.<name> for each name in OPS, are opaque to torch.compile (each entry's `fake` gives their
 shapes). `run(name, ...)` calls the op where its entry's `takes` says it may, else the entry's `reference`: the
 same math in plain PyTorch, which also runs wherever the kernels are not built (no AVX2, no compiler,
@@ -19,6 +19,7 @@ value, far finer than bf16); quantized_kernel says which layers they take.
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import mmap
 import os
 import subprocess
@@ -153,20 +154,44 @@ def run(name: str, *args: Tensor) -> Tensor:
     return getattr(torch.ops.fastllama, name)(*args) if op.takes(*args) else op.reference(*args)
 
 
-@functools.cache
-def cpu_kernels() -> bool:
-    """True when the C++ kernels are built and loaded for this CPU; builds them on first use."""
-    if os.environ.get("FASTLLAMA_KERNELS", "1") == "0" or not this_cpu().avx2:
-        return False
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-falign-loops=32",
+          f"-DFASTLLAMA_GEMV_MAX_ROWS={GEMV_MAX_ROWS}"]
+
+
+def build_directory() -> Path:
+    """Where kernels.cpp is built: a folder named by the source's content, the flags, torch's and Python's versions.
+    Checkouts with the same kernels.cpp share one build; different versions never rebuild each other's (a folder
+    named by the extension alone made two checkouts rebuild in turn and wait on each other's lock)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(" ".join([*CFLAGS, torch.__version__, sys.version]).encode())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"fastllama_kernels_{key.hexdigest()[:16]}"
+
+
+def build(folder: Path) -> None:
+    """Build kernels.cpp in folder and load it (or load the build already there), saying on stderr when it compiles."""
     from torch.utils.cpp_extension import load
 
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / f"{folder.name}.so").is_file():
+        print("building fastllama's C++ kernels for this version of kernels.cpp (once, about a minute) ...",
+              file=sys.stderr, flush=True)
+    load(name=folder.name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False, verbose=False,
+         extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
+
+
+@functools.cache
+def cpu_kernels() -> bool:
+    """True when the C++ kernels are built and loaded for this CPU; builds them on first use (saying so on stderr)."""
+    if os.environ.get("FASTLLAMA_KERNELS", "1") == "0" or not this_cpu().avx2:
+        return False
     for name, op in OPS.items():
         torch.library.define(f"fastllama::{name}", op.schema)
         torch.library.register_fake(f"fastllama::{name}")(op.fake)
     try:
-        load(name="fastllama_kernels", sources=[str(SOURCE)], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-falign-loops=32",
-                           f"-DFASTLLAMA_GEMV_MAX_ROWS={GEMV_MAX_ROWS}"], extra_ldflags=["-fopenmp"])
+        build(build_directory())
     except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
         print(f"warning: fastllama's C++ kernels did not build ({str(e).splitlines()[0]}); "
               "using the slower PyTorch path", file=sys.stderr)

@@ -76,6 +76,7 @@ def test_serve_measures_every_load_shape(smollm2_dir, tmp_path, capsys):
     shutil.copytree(smollm2_dir, folder, ignore=shutil.ignore_patterns("model_int*", "model_gguf*"))
     rows = benchmark.main(checkpoint_path=folder, serve=True, eager=True, clients="1,2", rate=4.0, requests=4,
                           max_new_tokens=5, rows=2, context=512, llama_server="", json_path=tmp_path / "s.json")
+    assert (folder / "model_int4-g32.pth").is_file()  # a folder without the GGUF's blocks serves quantize.py's int4
     assert [(r["system"], r["load"]) for r in rows] == [
         ("fastllama", "1 client"), ("fastllama", "2 clients"), ("fastllama", "Poisson 4/s")]
     for r in rows:
@@ -118,10 +119,11 @@ def test_serve_prompts_and_load_shapes(tmp_path):
 @pytest.mark.real_model
 @pytest.mark.skipif(shutil.which("llama-server") is None,
                     reason="llama.cpp's llama-server is not installed (not a dependency; docs/benchmarks.md builds it)")
-def test_serve_against_llama_server(tmp_path):
-    """Where llama-server is installed: both servers answer every request of the same load in full."""
-    rows = benchmark.main(serve=True, eager=True, clients="2", rate=0, requests=4, max_new_tokens=6, rows=2,
-                          context=512)
+def test_serve_against_llama_server(smollm2_dir, smollm2_gguf):
+    """Where llama-server is installed: ours on the GGUF's own Q4_1 blocks, llama-server on the GGUF, both answer
+    every request of the same load in full."""
+    rows = benchmark.main(checkpoint_path=smollm2_dir, serve=True, eager=True, clients="2", rate=0, requests=4,
+                          max_new_tokens=6, rows=2, context=512, gguf=smollm2_gguf)
     assert sorted(r["system"] for r in rows) == ["fastllama", "llama.cpp"]
     for r in rows:
         assert (r["completed"], r["failed"], r["dropped"], r["completion_tokens"]) == (4, 0, 0, 24), r

@@ -1,8 +1,11 @@
 """The C++ int8 / int4 / float32 / bf16 kernels (kernels.cpp) against the straightforward PyTorch computation, the op
 table that says when each runs, and every CPU-dependent branch forced on whatever CPU runs the tests."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.cpp_extension
 from helpers import needs_avx2
 
 import kernels
@@ -456,3 +459,28 @@ def test_model_decodes_with_the_attention_kernel_as_with_pytorch(tiny_llama):
     fast, ref = decode(layers.cpu_decode_attention), decode(M.decode_attention)
     assert torch.equal(fast.argmax(-1), ref.argmax(-1))
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_build_folder_follows_the_source_and_a_first_build_says_so(tmp_path, monkeypatch, capsys):
+    """kernels.cpp builds in a folder named by its content (two checkouts of one version share it, of two versions
+    never rebuild each other's); a build that compiles says so on stderr, one that finds its .so does not."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    first = kernels.build_directory()
+    assert first.parent == tmp_path and first.name.startswith("fastllama_kernels_")
+    assert kernels.build_directory() == first
+    changed = tmp_path / "kernels.cpp"
+    changed.write_bytes(kernels.SOURCE.read_bytes() + b"\n// another version\n")
+    monkeypatch.setattr(kernels, "SOURCE", changed)
+    assert kernels.build_directory() not in (first, None)
+    calls = []
+
+    def fake_load(name, build_directory, **kw):  # what torch's load leaves behind: the library in its folder
+        calls.append(name)
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    capsys.readouterr()
+    kernels.build(first)
+    assert "building fastllama's C++ kernels" in capsys.readouterr().err
+    kernels.build(first)
+    assert capsys.readouterr().err == "" and calls == [first.name, first.name]
