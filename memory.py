@@ -33,11 +33,14 @@ from model import ModelArgs, Transformer
 
 CACHE_BUFFERS = ("k_cache", "v_cache", "freqs_cis", "causal_mask")
 MiB = 2**20
-# The runtime's own resident memory before a model's weights: Python, torch, the server's libraries, the built C++
-# kernels and torch's meta-device machinery the first model build imports. Measured once on a CPU (server.py's
-# process: 319 MiB; generate.py's: 301 MiB; docs/benchmarks.md). On CUDA it stands for the CUDA context's device
-# memory, not measured here (no GPU): an assumed 512 MiB, NVIDIA's usual few hundred MiB.
-BASELINE_BYTES = {"cpu": 320 * MiB, "cuda": 512 * MiB}
+# The runtime's own resident memory before a model's weights: Python, torch, the server's libraries and the built C++
+# kernels. Measured once on a CPU (server.py's process after sizing a float model: 255 MiB; generate.py's: 237 MiB;
+# docs/benchmarks.md). On CUDA it stands for the CUDA context's device memory, not measured here (no GPU): an assumed
+# 512 MiB, NVIDIA's usual few hundred MiB.
+BASELINE_BYTES = {"cpu": 255 * MiB, "cuda": 512 * MiB}
+# torch._dynamo and what it imports (sympy, ...), measured: a process holds it once something has loaded it, such as
+# --compile or sizing an int4 model (its repacking on the meta device runs Python decompositions that import it).
+DYNAMO_BYTES = 76 * MiB
 # weight formats by name: (the float weights' dtype as stored, the quantization); q8_0 / q4_1 are GGUF imports
 WEIGHT_FORMATS = {
     "fp32": ("fp32", None), "bf16": ("bf16", None), "fp16": ("fp16", None),
@@ -207,7 +210,7 @@ class Sizer:
             self.model.tie_weights()
         if q is not None:
             layers.prepare(self.model, self.device)  # the layouts (and so the bytes) of this device's kernels
-        self.quantization = q
+        self.quantization, self.dynamo = q, "torch._dynamo" in sys.modules
 
     @classmethod
     def of(cls, ckpt: Checkpoint, precision: str, device) -> "Sizer":
@@ -235,7 +238,8 @@ class Sizer:
             weights=weights, kv_bytes_per_token=kv // (rows * (context + 1)),
             kv_cache_bytes=kv, tables=tables,
             activation_bytes=activation_bytes(c, a, rows, context, chunk, self.quantization),
-            baseline_bytes=BASELINE_BYTES.get(self.device.type, BASELINE_BYTES["cpu"]),
+            baseline_bytes=BASELINE_BYTES.get(self.device.type, BASELINE_BYTES["cpu"])
+            + (DYNAMO_BYTES if self.dynamo and self.device.type == "cpu" else 0),
             load_bytes=load_bytes(self.file_bytes, W, self.device), file_bytes=self.file_bytes,
             read_per_token_bytes=model_bytes_read_per_token(m))
 

@@ -181,6 +181,20 @@ def fit_context(prompt_len: int, max_new_tokens: int, context: int, room: int = 
     return min(max_new_tokens, context - prompt_len - room)
 
 
+def attention_mask(S: int, window: int | None, device) -> Tensor:
+    """(S, S) bool: query position i may see key position j <= i (and j > i - window); the last position, the scratch
+    one, sees itself alone. On the meta device (memory.py sizes models there) only its shape and dtype: computing
+    there would import torch's Python decompositions on first use (2.3 s and 76 MB)."""
+    if torch.device(device).type == "meta":
+        return torch.empty(S, S, dtype=torch.bool, device=device)
+    pos = torch.arange(S, device=device)
+    mask = pos[None, :] <= pos[:, None]
+    if window is not None:
+        mask &= pos[None, :] > pos[:, None] - window
+    mask[-1] = pos == S - 1
+    return mask
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -287,7 +301,13 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # nn.Embedding's own normal_ init has no C++ kernel on the meta device, where checkpoints build the model:
+        # its first use there imports torch's Python decompositions (2.3 s and 76 MB on every load); so it is made
+        # empty and initialized only on a real device
+        table = torch.empty(config.vocab_size, config.dim)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, _weight=table)
+        if not self.tok_embeddings.weight.is_meta:
+            nn.init.normal_(self.tok_embeddings.weight)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -333,12 +353,7 @@ class Transformer(nn.Module):
             a.kv_cache = KVCache(max_batch_size, S, a.n_kv_heads, a.head_dim, dtype, w.device)
         freqs = precompute_freqs_cis(S, c.head_dim, c.rope_base, c.rope_scaling)
         self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
-        pos = torch.arange(S, device=device)
-        mask = pos[None, :] <= pos[:, None]  # (S, S): query row may see key column
-        if c.sliding_window is not None:
-            mask &= pos[None, :] > pos[:, None] - c.sliding_window
-        mask[-1] = pos == S - 1  # the scratch position sees itself alone
-        self.register_buffer("causal_mask", mask, persistent=False)
+        self.register_buffer("causal_mask", attention_mask(S, c.sliding_window, device), persistent=False)
 
     def forward(self, idx: Tensor, input_pos: Tensor, key_mask: Tensor | None = None,
                 last_only: bool = False, cache_row: int = 0) -> Tensor:
