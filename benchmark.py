@@ -112,9 +112,15 @@ def checkpoint_for(checkpoint: Path, precision: str) -> Path:
     return out
 
 
+def activations_of(precision: str, ckpt: Checkpoint, device: torch.device) -> str:
+    """The activations' dtype a benchmark precision runs in: its own for fp32 / bf16 / fp16; `auto`'s for the
+    quantized checkpoints (checkpoint.resolve_precision)."""
+    return resolve_precision("auto" if precision in QUANTIZED else precision, ckpt.quantization, device)
+
+
 def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_size, compiled) -> Runner:
     ckpt = Checkpoint.open(checkpoint_for(checkpoint, precision))
-    activations = resolve_precision("auto" if precision in QUANTIZED else precision, ckpt.quantization, device)
+    activations = activations_of(precision, ckpt, device)
     model = load_model(ckpt, device, activations)
     step = compile_step(decode_one_token, device) if compiled else decode_one_token
 
@@ -345,8 +351,7 @@ def memory_cases(spec: dict) -> list[dict]:
     that case's own (VmHWM started again before it), beside memory.py's estimate of it."""
     dev, chunk = torch.device("cpu"), spec["chunk"]
     ckpt = Checkpoint.open(checkpoint_for(Path(spec["checkpoint"]), spec["precision"]))
-    precision = resolve_precision("auto" if spec["precision"] in QUANTIZED else spec["precision"], ckpt.quantization,
-                                  dev)
+    precision = activations_of(spec["precision"], ckpt, dev)
     model = load_model(ckpt, dev, precision)
     load_peak, sizer, out = peak_memory_bytes(dev), Sizer.of(ckpt, precision, dev), []
     for rows, context in sorted(spec["cases"], key=lambda c: c[0] * c[1]):

@@ -48,6 +48,7 @@ WEIGHT_FORMATS = {
     "q8_0": ("fp32", Quantization("int8", int8_groupsize=32)),
     "q4_1": ("fp32", Quantization("int4", groupsize=32, int8_groupsize=32)),
 }
+DEFAULT_CONTEXT = 4096  # positions per row when none is given (server.py, this CLI): the model's, at most this
 RULE_OF_THUMB_MODELS = ("huggyllama/llama-7b", "huggyllama/llama-13b", "huggyllama/llama-30b", "huggyllama/llama-65b",
                         "meta-llama/Llama-2-70b-hf")
 
@@ -199,13 +200,14 @@ class Sizer:
             q = Quantization("int4", groupsize=groupsize)
         self.args, self.name, self.weight_format, self.device = args, name, weight_format, torch.device(device)
         self.precision = resolve_precision(precision, q, self.device)  # float weights load in this dtype too
-        model = build_model(args, q)
-        file_model = model.to(PRECISIONS[stored]) if q is None else model
-        self.file_bytes = file_bytes if file_bytes is not None else sum(weight_sizes(file_model).values())
         self.params = {}  # per component, tied tensors once
         for key, p in build_model(args).named_parameters():
             self.params[component(key)] = self.params.get(component(key), 0) + p.numel()
-        self.model = build_model(args, q).to(PRECISIONS[self.precision])
+        self.model = build_model(args, q)  # as stored: the file's bytes; then as loaded
+        if q is None:
+            self.model.to(PRECISIONS[stored])
+        self.file_bytes = file_bytes if file_bytes is not None else sum(weight_sizes(self.model).values())
+        self.model.to(PRECISIONS[self.precision])
         if args.tie_embeddings:
             self.model.tie_weights()
         if q is not None:
@@ -329,30 +331,30 @@ def check_fits(est: Estimate, memory: int, flags: str = "--rows / --context") ->
                          f"available; lower {flags} (python memory.py shows what fits)")
 
 
+def _largest(fits_at, most: int) -> int:
+    """The largest n in [0, most] with fits_at(n), for fits_at true up to some n and false beyond (bisection)."""
+    lo, hi = 0, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits_at(mid) else (lo, mid - 1)
+    return lo
+
+
 def largest_context(sizer: Sizer, rows: int, memory: int, chunk: int = 64) -> int:
     """The longest context (at most the model's) whose KV cache for `rows` rows fits in memory; 0 if none."""
-    lo, hi = 0, sizer.args.block_size
-    while lo < hi:  # total_bytes grows with the context
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(sizer.at(rows, mid, chunk), memory) else (lo, mid - 1)
-    return lo
+    return _largest(lambda n: fits(sizer.at(rows, n, chunk), memory), sizer.args.block_size)
 
 
 def largest_rows(sizer: Sizer, context: int, memory: int, chunk: int = 64, most: int = 4096) -> int:
     """The most rows (at most `most`) of `context` positions that fit in memory; 0 if none."""
-    lo, hi = 0, most
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(sizer.at(mid, context, chunk), memory) else (lo, mid - 1)
-    return lo
+    return _largest(lambda n: fits(sizer.at(n, context, chunk), memory), most)
 
 
-def plan(sizer: Sizer, memory: int, rows: int, context: int | None, chunk: int = 64,
-         default_context: int = 4096) -> Estimate:
-    """A server's rows x context: the context given, else the model's (at most default_context) cut to what fits;
+def plan(sizer: Sizer, memory: int, rows: int, context: int | None, chunk: int = 64) -> Estimate:
+    """A server's rows x context: the context given, else the model's (at most DEFAULT_CONTEXT) cut to what fits;
     ValueError, with the numbers, when the setting cannot fit."""
     if context is None:
-        context = min(sizer.args.block_size, default_context, max(largest_context(sizer, rows, memory, chunk), 2))
+        context = min(sizer.args.block_size, DEFAULT_CONTEXT, max(largest_context(sizer, rows, memory, chunk), 2))
     est = sizer.at(rows, context, chunk)
     check_fits(est, memory)
     return est
@@ -423,7 +425,7 @@ def main(*, model: str, precision: str | None = None, groupsize: int = 32, activ
     if activations == "auto" and precision in ("fp32", "bf16", "fp16"):
         activations = precision  # float weights are loaded in the activations' dtype: --precision fp32 means both
     sizer = Sizer(args, fmt, activations, device, name, file_bytes if fmt == own_format else None, groupsize)
-    context = context or min(args.block_size, 4096)
+    context = context or min(args.block_size, DEFAULT_CONTEXT)
     if rows < 1 or context < 1:
         raise ValueError("--rows and --context must be at least 1")
     est = sizer.at(rows, context, chunk)
@@ -463,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
     p.add_argument("--activations", choices=list(PRECISIONS), default="auto",
                    help="activations and KV cache dtype, as generate.py's --precision")
-    p.add_argument("--context", type=int, default=None, help="positions per row (default: the model's, at most 4096)")
+    p.add_argument("--context", type=int, default=None,
+                   help=f"positions per row (default: the model's, at most {DEFAULT_CONTEXT})")
     p.add_argument("--rows", type=int, default=1, help="rows of the KV cache (batch size, server rows)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="whose kernels' layouts to size")
     p.add_argument("--chunk", type=int, default=64, help="prompt tokens per prefill pass")

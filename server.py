@@ -40,7 +40,7 @@ from generate import (
     resolve_device,
 )
 from kernels import GEMV_MAX_ROWS
-from memory import Sizer, available_bytes, plan
+from memory import DEFAULT_CONTEXT, Sizer, available_bytes, plan
 from model import fit_context
 from tokenizer import Tokenizer, get_tokenizer
 
@@ -436,11 +436,9 @@ def prometheus(m: Metrics, running: int, waiting: int) -> str:
 
 # ---- the command ------------------------------------------------------------------------------------------
 
-def load_served(checkpoint_path: Path, device: torch.device, precision: str, rows: int, context: int,
+def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: int, context: int,
                 chunk: int, max_queue: int, compile: bool, name: str | None, url: str) -> Served:
     """Load the model, build the engine (compiling and warming up its decode step with --compile) and say so."""
-    ckpt = Checkpoint.open(checkpoint_path)
-    precision = resolve_precision(precision, ckpt.quantization, device)
     model, tokenizer = load_model(ckpt, device, precision), get_tokenizer(ckpt.folder)
     step = compile_step(decode_rows, device) if compile else decode_rows
     engine = Engine(model, tokenizer, rows=rows, context=context, chunk=chunk, decode_step=step, max_queue=max_queue)
@@ -470,14 +468,14 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, host: str = "127.0.0.1",
     dev, url, failures = resolve_device(device), f"http://{host}:{port}", []
     # rows x context from memory.py: the context given, else the model's (at most 4096) cut to what fits; one line
     # with the numbers, before the server starts, for a setting that cannot fit
-    sizer = Sizer.of(ckpt, resolve_precision(precision, ckpt.quantization, dev), dev)
-    context = plan(sizer, available_bytes(dev), rows, context, chunk).context
+    precision = resolve_precision(precision, ckpt.quantization, dev)
+    context = plan(Sizer.of(ckpt, precision, dev), available_bytes(dev), rows, context, chunk).context
 
     def failed(e: BaseException) -> None:
         failures.append(e)
         server.should_exit = True
 
-    app = create_app(lambda: load_served(checkpoint_path, dev, precision, rows, context, chunk, max_queue, compile,
+    app = create_app(lambda: load_served(ckpt, dev, precision, rows, context, chunk, max_queue, compile,
                                          model_name, url), on_failure=failed)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     server.run()
@@ -492,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--rows", type=int, default=8, help="requests decoded together: rows of the KV cache")
     p.add_argument("--context", type=int, default=None,
-                   help="positions per row (default: the model's, at most 4096, less if the memory asks)")
+                   help=f"positions per row (default: the model's, at most {DEFAULT_CONTEXT}, less if the memory asks)")
     p.add_argument("--chunk", type=int, default=64, help="prompt tokens prefilled per engine iteration")
     p.add_argument("--max_queue", type=int, default=64, help="requests that may wait for a row; more get 503")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (at startup)")
