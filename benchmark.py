@@ -3,7 +3,8 @@
     python benchmark.py --precisions fp32,bf16,int8,int4 --compare transformers,llama.cpp
 
 For each precision and system: prefill tokens/s of a --prompt_tokens prompt, time to first token,
-decode tokens/s at batch 1 and at --batch_size, the weight bandwidth that decode speed implies (bytes
+decode tokens/s at batch 1 and at each --batch_size (all rows' tokens, and how many times batch 1's), startup
+(a new process to its first token, warm caches), the weight bandwidth that decode speed implies (bytes
 of weights read per token, by memory.bytes_read_per_token for every system, x tokens/s) next to the
 machine's own copy bandwidth measured in the same run, peak memory and compile time; medians of --runs
 runs after a warm-up. Every row runs in its own process, so peak memory is that row's alone. The systems
@@ -118,7 +119,7 @@ def activations_of(precision: str, ckpt: Checkpoint, device: torch.device) -> st
     return resolve_precision("auto" if precision in QUANTIZED else precision, ckpt.quantization, device)
 
 
-def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_size, compiled) -> Runner:
+def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_sizes, compiled) -> Runner:
     ckpt = Checkpoint.open(checkpoint_for(checkpoint, precision))
     activations = activations_of(precision, ckpt, device)
     model = load_model(ckpt, device, activations)
@@ -129,13 +130,13 @@ def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_size, compi
         model.setup_caches(b, len(ids) + n_new)
         return lambda cb: generate(model, x, n_new, temperature=0.0, decode_step=step, callback=cb)
 
-    return Runner(make_run, (1, batch_size), lambda: {
+    return Runner(make_run, (1, *batch_sizes), lambda: {
         "weights_file": ckpt.weights.name, "activations": activations,
         "weights_gb": model_bytes_read_per_token(model) / 1e9,
         "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
 
-def bench_transformers(checkpoint, device, precision, ids, n_new, batch_size) -> Runner:
+def bench_transformers(checkpoint, device, precision, ids, n_new, batch_sizes) -> Runner:
     import transformers
 
     if precision in QUANTIZED:
@@ -172,7 +173,7 @@ def bench_transformers(checkpoint, device, precision, ids, n_new, batch_size) ->
 
     sizes = {name: p.numel() * p.element_size() for name, p in model.named_parameters()}
     weights_gb = bytes_read_per_token(sizes, "model.embed_tokens.", config.tie_word_embeddings) / 1e9
-    return Runner(make_run, (1, batch_size), lambda: {"weights_gb": weights_gb,
+    return Runner(make_run, (1, *batch_sizes), lambda: {"weights_gb": weights_gb,
                                                       "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
 
@@ -201,7 +202,7 @@ def llama_cpp_gguf(checkpoint: Path, precision: str) -> Path:
     return out
 
 
-def bench_llama_cpp(checkpoint, device, precision, ids, n_new, batch_size) -> Runner:
+def bench_llama_cpp(checkpoint, device, precision, ids, n_new, batch_sizes) -> Runner:
     import llama_cpp
 
     if device.type != "cpu":
@@ -226,13 +227,55 @@ def bench_llama_cpp(checkpoint, device, precision, ids, n_new, batch_size) -> Ru
                                                   "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
 
+def parse_batch_sizes(spec: str | int) -> list[int]:
+    """--batch_size: one size or a comma-separated sweep, each 2 or more (batch 1 is always measured)."""
+    try:
+        sizes = sorted({int(b) for b in str(spec).split(",") if b.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 2:
+        raise ValueError(f"--batch_size {spec}: give sizes of 2 or more, comma-separated (batch 1 is always measured)")
+    return sizes
+
+
+LLAMA_CPP_STARTUP = ("import sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), "
+                     "verbose=False); next(llm.generate(llm.tokenize(b'hi'), top_k=1, temp=0.0))")
+
+
+def startup_command(system: str, checkpoint: Path, precision: str, device: torch.device) -> list[str] | None:
+    """The command whose run time is a system's startup: a new process, its weights loaded, one token of a short
+    prompt; None for transformers (not timed)."""
+    if system == "llama.cpp":
+        return [sys.executable, "-c", LLAMA_CPP_STARTUP, str(llama_cpp_gguf(checkpoint, precision)),
+                str(torch.get_num_threads())]
+    if not system.startswith("fastllama"):
+        return None
+    ckpt = Checkpoint.open(checkpoint_for(checkpoint, precision))
+    return [sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(ckpt.weights), "--prompt", "hi",
+            "--max_new_tokens", "1", "--num_samples", "1", "--device", str(device),
+            "--precision", activations_of(precision, ckpt, device)] + (["--compile"] if "compile" in system else [])
+
+
+def startup_seconds(command: list[str], runs: int) -> float:
+    """Median wall time of `runs` runs of command, after one that warms the caches (files, compiled code)."""
+    times = []
+    for i in range(runs + 1):
+        t0 = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command[:3])} ... failed: {done.stderr.strip().splitlines()[-1:]}")
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def run_worker(spec: dict) -> None:
     """The worker process of one row: load the system that spec names, then answer the parent's commands, one
     JSON line each way: warm-up at batch b (its time), one timed run at batch b, and at the end the row's info."""
     device = resolve_device(spec["device"])
     torch.manual_seed(0)
     args = (Path(spec["checkpoint"]), device, spec["precision"], spec["ids"], spec["max_new_tokens"],
-            spec["batch_size"])
+            spec["batch_sizes"])
     system = spec["system"]
     if system.startswith("fastllama"):
         runner = bench_fastllama(*args, compiled=system == "fastllama --compile")
@@ -287,9 +330,9 @@ class Worker:
         self.proc.wait()
 
 
-def measure(specs: dict, runs: int, batch_size: int) -> dict:
+def measure(specs: dict, runs: int, batch_sizes: list[int]) -> dict:
     """Rows for the systems of one precision (system -> worker spec): each loaded in its own worker, warmed up,
-    then timed in alternating order, batch 1 first, then batch_size for the systems that run batches."""
+    then timed in alternating order, batch 1 first, then each of batch_sizes for the systems that run batches."""
     rows, workers = {s: {} for s in specs}, {}
 
     def attempt(system, fn):  # a failing system leaves its row with the error; the others go on
@@ -305,7 +348,7 @@ def measure(specs: dict, runs: int, batch_size: int) -> dict:
     for system, worker in started.items():
         if attempt(system, worker.ready) is not None:
             workers[system] = worker
-    for b in (1, batch_size):
+    for b in (1, *batch_sizes):
         active = [s for s, w in workers.items() if b in w.batch_sizes]
         times = {s: [] for s in active}
         for s in active:
@@ -322,9 +365,9 @@ def measure(specs: dict, runs: int, batch_size: int) -> dict:
             ttft, tps = statistics.median(t["ttft"] for t in times[s]), statistics.median(t["tps"] for t in times[s])
             if b == 1:
                 rows[s].update(ttft_ms=ttft * 1e3, prefill_tok_s=len(specs[s]["ids"]) / ttft, decode_tok_s=tps,
-                               decode_batch_tok_s=None)
+                               decode_batch_tok_s={})
             else:
-                rows[s]["decode_batch_tok_s"] = tps * b
+                rows[s]["decode_batch_tok_s"][str(b)] = tps * b  # all rows' tokens per second (JSON keys: str)
     for s in list(workers):
         info = attempt(s, lambda: workers[s].call("info"))
         if info is not None:
@@ -461,7 +504,8 @@ def main_serve(checkpoint: Path, clients: list[int], rate: float | None, request
 
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = None,
          precisions: str = "fp32,bf16,int8,int4", compare: str | None = None, eager: bool = False,
-         prompt_tokens: int = 256, max_new_tokens: int | None = None, batch_size: int = 4, runs: int = 5,
+         prompt_tokens: int = 256, max_new_tokens: int | None = None, batch_size: str | int = "4", runs: int = 5,
+         startup: bool = True,
          json_path: Path | None = None, worker_spec: str | None = None, memory: bool = False,
          memory_case_spec: str | None = None, serve: bool = False, clients: str = "1,2,4,8,16", rate: float = 2.0,
          requests: int = 32, rows: int = 8, context: int = 1024, prompts: Path = serve_bench.PROMPTS,
@@ -485,8 +529,9 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
     bad = [p for p in names if p not in BENCH_PRECISIONS]
     if bad or not names:
         raise ValueError(f"unknown precision(s) {bad}; choose from {', '.join(BENCH_PRECISIONS)}")
+    batch_sizes = parse_batch_sizes(batch_size)
     if memory:
-        cases = memory_table(Path(checkpoint_path), names, [1, batch_size], [2048, 8192])
+        cases = memory_table(Path(checkpoint_path), names, [1, *batch_sizes], [2048, 8192])
         print_memory_table(cases)
         if json_path is not None:
             Path(json_path).write_text(json.dumps(cases, indent=2) + "\n")
@@ -499,8 +544,6 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
             import llama_cpp  # noqa: F401
         except ImportError:
             raise ValueError("--compare llama.cpp needs llama-cpp-python: pip install llama-cpp-python") from None
-    if batch_size < 2:
-        raise ValueError(f"--batch_size {batch_size}: use 2 or more (batch 1 is always measured)")
     weights = Checkpoint.open(checkpoint_path).weights
     ids = prompt_ids(get_tokenizer(weights.parent), prompt_tokens)
     stream = copy_bandwidth()
@@ -509,35 +552,44 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
     rows = []
     for precision in names:
         specs = {system: {"system": system, "precision": precision, "checkpoint": str(weights), "device": str(dev),
-                          "ids": ids, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+                          "ids": ids, "max_new_tokens": max_new_tokens, "batch_sizes": batch_sizes}
                  for system in systems if not (system == "transformers" and precision in QUANTIZED)
                  and not (system == "llama.cpp" and precision not in LLAMA_CPP_TYPES)}
-        for system, row in measure(specs, runs, batch_size).items():
+        for system, row in measure(specs, runs, batch_sizes).items():
             row = {"system": system, "precision": precision, "device": str(dev), "threads": torch.get_num_threads(),
-                   "batch_size": batch_size, "copy_bandwidth_gb_s": stream, **row}
+                   "batch_sizes": batch_sizes, "copy_bandwidth_gb_s": stream, **row}
             row["compile_s"] = row.get("warmup_s") if system == "fastllama --compile" else None
+            command = startup_command(system, weights, precision, dev) if startup and "error" not in row else None
+            row["startup_s"] = startup_seconds(command, min(runs, 3)) if command else None
             if "decode_tok_s" in row:
                 row["bandwidth_gb_s"] = row["weights_gb"] * row["decode_tok_s"]
             rows.append(row)
-    print_table(rows, prompt_tokens, max_new_tokens, batch_size, stream)
+    print_table(rows, prompt_tokens, max_new_tokens, batch_sizes, stream)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
 
-def print_table(rows, prompt_tokens, max_new_tokens, batch_size, stream) -> None:
+def print_table(rows, prompt_tokens, max_new_tokens, batch_sizes, stream) -> None:
     def num(v, fmt=".1f"):
         return "-" if v is None else format(v, fmt)
 
+    def batched(r, b):  # all rows' tokens/s at batch b, and how many times batch 1's that is
+        tps = r.get("decode_batch_tok_s", {}).get(str(b))
+        return "-" if tps is None else f"{tps:.1f} ({tps / r['decode_tok_s']:.1f}x)"
+
     threads = rows[0]["threads"] if rows else "?"
     print(f"\nprompt {prompt_tokens} tokens, {max_new_tokens} new tokens, greedy, {threads} "
-          f"threads; medians; memory copy bandwidth {stream:.1f} GB/s\n")
-    print(f"| precision | system | prefill tok/s | first token ms | decode tok/s | decode tok/s batch {batch_size} "
-          "| GB/s | of copy bw | peak GB | compile s | vs llama.cpp | vs transformers |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"threads; medians; memory copy bandwidth {stream:.1f} GB/s; startup: process start to exit after one "
+          "token of `generate.py --prompt hi` (llama.cpp: loading and one token through llama-cpp-python)\n")
+    cols = ["precision", "system", "prefill tok/s", "first token ms", "decode tok/s",
+            *(f"batch {b} tok/s" for b in batch_sizes), "GB/s", "of copy bw", "peak GB", "compile s", "startup s",
+            "vs llama.cpp", "vs transformers"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
     for r in rows:
         if "error" in r:
-            print(f"| {r['precision']} | {r['system']} | failed: {r['error']} |||||||||")
+            print(f"| {r['precision']} | {r['system']} | failed: {r['error']} |" + "|" * (len(cols) - 3))
             continue
         ratios = []
         for other in SYSTEMS:
@@ -548,10 +600,9 @@ def print_table(rows, prompt_tokens, max_new_tokens, batch_size, stream) -> None
         system = f"llama.cpp ({LLAMA_CPP_TYPES[r['precision']]})" if r["system"] == "llama.cpp" else r["system"]
         label = PRECISION_LABELS.get(r["precision"], r["precision"])
         print(f"| {label} | {system} | {num(r['prefill_tok_s'])} | {num(r['ttft_ms'], '.0f')} "
-              f"| {num(r['decode_tok_s'])} | {num(r.get('decode_batch_tok_s'))} | {num(r['bandwidth_gb_s'])} "
-              f"| {r['bandwidth_gb_s'] / stream:.0%} | {num(r['peak_memory_gb'], '.2f')} "
-              f"| {num(r['compile_s'], '.0f')} "
-              f"| {ratios[1]} | {ratios[0]} |")
+              f"| {num(r['decode_tok_s'])} | {' | '.join(batched(r, b) for b in batch_sizes)} "
+              f"| {num(r['bandwidth_gb_s'])} | {r['bandwidth_gb_s'] / stream:.0%} | {num(r['peak_memory_gb'], '.2f')} "
+              f"| {num(r['compile_s'], '.0f')} | {num(r.get('startup_s'))} | {ratios[1]} | {ratios[0]} |")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -566,8 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run fastllama without compile")
     p.add_argument("--prompt_tokens", type=int, default=256, help="prompt length in tokens (prefill)")
     p.add_argument("--max_new_tokens", type=int, default=None, help="tokens generated per run (128; --serve: 64)")
-    p.add_argument("--batch_size", type=int, default=4, help="the batch size measured besides batch 1")
+    p.add_argument("--batch_size", type=str, default="4",
+                   help="batch sizes measured besides batch 1, comma-separated (a sweep: 2,4,8,16)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per row (after one warm-up)")
+    p.add_argument("--startup", action=argparse.BooleanOptionalAction, default=True,
+                   help="time each system from process start to its first token (warm caches; up to 3 runs)")
     p.add_argument("--json", dest="json_path", type=Path, default=None, help="also write the rows as JSON here")
     p.add_argument("--memory", action="store_true",
                    help="instead: memory.py's estimate beside the measured peak, rows 1 and --batch_size, contexts "

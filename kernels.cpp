@@ -1,18 +1,23 @@
-// Matrix-vector products for x86 CPUs with AVX2 + FMA (fastllama): weight-only int8 / int4, float32 / bf16.
+// Matrix products for x86 CPUs with AVX2 + FMA (fastllama): weight-only int8 / int4, float32 / bf16.
 //
 // Decoding reads every weight once per token, so a quantized linear layer is a GEMV whose speed is
 // set by how fast weights stream in and turn into sums. Both kernels round the activations per block of
 // 32 (quantize_x) so that products are integer multiply-adds, and scale each block's integer dot once.
+// A decode step of M <= 16 rows (GEMV_MAX_ROWS) unpacks each weight vector once for a tile of rows of x, and
+// every row's result is bit for bit what it would be alone (a request's output never depends on its batch).
+// More rows (prefill) go to one float32 GEMM (gemm) on panels unpacked from each weight format.
 //
 //   int8_linear(x (M, K) float/bf16, w (N, K) int8, scales (N / 8, G, 8) float32) -> (M, N) in x's dtype
 //       y = x16 @ (w * scales[:, k // (K / G)]).T     x16: x rounded to int16 per block (error ~1e-5 relative)
 //       G = 1: per channel; G = K / 32: Q8_0-like. Rows in groups of 8, computed together in the 8 lanes of a vector.
+//       M > 16: y = x @ (w * scales).T in float32 (the GEMM on pack16_int8's panels)
 //   int8_glu(x, w1, s1, w3, s3) -> silu(int8_linear(x, w1, s1)) * int8_linear(x, w3, s3), in one call
 //   int4_linear(x (M, K), w (N, K / 2) uint8, dm (N / 8, 2, G, 8) float16) -> (M, N)
 //       y = x16 @ (q * d + m).T with (d, m) per group (llama.cpp's Q4_1 arithmetic), dm (N / 8, 2, G, 8):
 //       rows in groups of 8, each group's outputs computed together in the 8 lanes of one vector.
+//       M > 16: y = x @ (q * d + m).T in float32 (pack16_int4's panels)
 //   dense_linear(x (M, K), w (N, K) float32 or bf16, as stored) -> (M, N) in x's dtype: x @ w.T in float32 sums;
-//       x float32, or bf16 with a bf16 w. M <= 16: GEMVs (dense_rows); more rows: a GEMM on packed panels (dense_gemm)
+//       x float32, or bf16 with a bf16 w. M <= 16: GEMVs (dense_rows); more rows: the GEMM on pack16's panels
 //   dense_glu(x, w1, w3) -> silu(x @ w1.T) * (x @ w3.T), in one call
 //
 // torch.ops.fastllama.*: kernels.py defines their schemas, builds this file and holds the PyTorch reference.
@@ -153,66 +158,134 @@ inline at::Tensor as_float(const at::Tensor& x) {
 
 inline at::Tensor in_dtype(const at::Tensor& y, at::ScalarType t) { return y.scalar_type() == t ? y : y.to(t); }
 
+// An empty asm that says it changes v: the sum so far must be in a register here, so GCC cannot regroup a tile's
+// integer sums (they are associative) into a tree that parks every product on the stack (seen with R > 1 rows).
+inline void keep(__m256i& v) { asm("" : "+x"(v)); }
+
 inline __m256i load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// Eight output rows at once, one per int32 lane: y[r] = sum_k x[k] * w[r, k] * s[r, k / g].
+// Eight output rows at once, one per int32 lane, for R rows of x: y[m][r] = sum_k x[m][k] * w[r, k] * s[r, k / g].
 // Layout per group of 8 rows: for each pair i of inputs, 16 bytes hold w[r, 2 i] and w[r, 2 i + 1] of rows r = 0..7;
-// vpmovsxbw widens them to int16 and one vpmaddwd with the broadcast pair (x[2 i], x[2 i + 1]) adds each row's two
-// products in its own lane. Sums stay exact in int32 over a block of 32 (16 pairs of at most 2 * 128 * 32767).
-// s: the 8 rows' scales for each of the G groups. One sequential stream per row group, no per-row horizontal sums.
-void int8_rows8(const int16_t* xq, const float* xd, int64_t K, const int8_t* w, const float* s, int64_t G, float* y) {
+// vpmovsxbw widens them to int16 once, and one vpmaddwd per row of x with its broadcast pair (x[2 i], x[2 i + 1])
+// adds each weight row's two products in its own lane. Sums stay exact in int32 over a block of 32 (16 pairs of at
+// most 2 * 128 * 32767). s: the 8 rows' scales for each of the G groups. One sequential stream per row group, no
+// per-row horizontal sums. Each row of x gets the same operations in the same order whatever R is (the integer sums
+// are exact; the float ones follow the blocks), so a row's result does not depend on the rows beside it.
+// xq / xd / y: row m at xq + m K, xd + m K / 32, y + m N.
+template <int R>
+void int8_rows8(const int16_t* xq, const float* xd, int64_t K, const int8_t* w, const float* s, int64_t G, float* y,
+                int64_t N) {
   const int64_t bpg = K / G / 32;
-  const int32_t* xp = reinterpret_cast<const int32_t*>(xq);
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[R];
+  #pragma GCC unroll 16
+  for (int m = 0; m < R; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t gi = 0, b = 0; gi < G; ++gi) {
-    __m256 gacc = _mm256_setzero_ps();
+    __m256 gacc[R];
+    #pragma GCC unroll 16
+    for (int m = 0; m < R; ++m) gacc[m] = _mm256_setzero_ps();
     for (const int64_t end = b + bpg; b < end; ++b) {
-      __m256i t = _mm256_setzero_si256();
+      __m256i t[R];
+      #pragma GCC unroll 16
+      for (int m = 0; m < R; ++m) t[m] = _mm256_setzero_si256();
+      #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i) {
         const __m256i wi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 256 * b + 16 * i)));
-        t = _mm256_add_epi32(t, _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[16 * b + i])));
+        #pragma GCC unroll 16
+        for (int m = 0; m < R; ++m) {
+          const int32_t* xp = reinterpret_cast<const int32_t*>(xq + m * K);
+          t[m] = _mm256_add_epi32(t[m], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[16 * b + i])));
+          keep(t[m]);
+        }
       }
-      gacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_set1_ps(xd[b]), gacc);
+      #pragma GCC unroll 16
+      for (int m = 0; m < R; ++m)
+        gacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[m]), _mm256_set1_ps(xd[m * K / 32 + b]), gacc[m]);
     }
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8 * gi), gacc, acc);
+    const __m256 sg = _mm256_loadu_ps(s + 8 * gi);
+    #pragma GCC unroll 16
+    for (int m = 0; m < R; ++m) acc[m] = _mm256_fmadd_ps(sg, gacc[m], acc[m]);
   }
-  _mm256_storeu_ps(y, acc);
+  #pragma GCC unroll 16
+  for (int m = 0; m < R; ++m) _mm256_storeu_ps(y + m * N, acc[m]);
 }
 
-// Eight output rows at once, one per float lane: y[r] = sum_k x[k] * (q[r, k] * d + m), (d, m) per group.
-// Layout per group of 8 rows and block b of 32 inputs: 128 bytes; byte 32 p + 4 r + j holds q[r, 32 b + 4 p + j]
-// (low nibble) and q[r, 32 b + 4 (p + 4) + j] (high nibble): one vpmaddubsw multiplies 4 inputs of 8 rows.
-// xq: per block, x's high bytes then its low bytes (quantize_x<Split::bytes>), each multiplied separately.
-// dm: d of the 8 rows for each of the G groups, then their m (float16). xs[gi] = sum of the rounded x over group gi.
-// No per-row work is left: no horizontal sums, one FMA per block for all eight rows.
+// Eight output rows at once, one per float lane, for R rows of x: y[m][r] = sum_k x[m][k] * (q[r, k] * d + m), (d, m)
+// per group. Layout per group of 8 rows and block b of 32 inputs: 128 bytes; byte 32 p + 4 r + j holds q[r, 32 b + 4 p
+// + j] (low nibble) and q[r, 32 b + 4 (p + 4) + j] (high nibble): one vpmaddubsw multiplies 4 inputs of 8 rows.
+// The nibbles are unpacked once for all R rows of x. xq: per block, x's high bytes then its low bytes
+// (quantize_x<Split::bytes>), each multiplied separately. dm: d of the 8 rows for each of the G groups, then their m
+// (float16). xs[gi] = sum of the rounded x over group gi. No per-row work is left: no horizontal sums, one FMA per
+// block for all eight rows. As int8_rows8, a row's operations do not depend on R.
+// xq / xd / xs / y: row m at xq + 2 m K, xd + m K / 32, xs + m G, y + m N.
+template <int R>
 void int4_rows8(const int8_t* xq, const float* xd, const float* xs, int64_t K, const uint8_t* w,
-                const uint16_t* dm, int64_t G, float* y) {
+                const uint16_t* dm, int64_t G, float* y, int64_t N) {
   const int64_t bpg = K / 32 / G;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
-  __m256 acc = _mm256_setzero_ps(), acc_m = _mm256_setzero_ps();
+  __m256 acc[R], acc_m[R];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = acc_m[r] = _mm256_setzero_ps();
   for (int64_t gi = 0, b = 0; gi < G; ++gi) {
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 8 * gi)));
     const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dm + 8 * (G + gi))));
-    acc_m = _mm256_fmadd_ps(m, _mm256_broadcast_ss(xs + gi), acc_m);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc_m[r] = _mm256_fmadd_ps(m, _mm256_broadcast_ss(xs + r * G + gi), acc_m[r]);
     for (const int64_t end = b + bpg; b < end; ++b) {
       const __m256i* wb = reinterpret_cast<const __m256i*>(w + 128 * b);
-      const int32_t* xh = reinterpret_cast<const int32_t*>(xq + 64 * b);
-      const int32_t* xl = xh + 8;
       // vpmaddubsw: unsigned q times signed bytes, pairs summed to int16; eight sums stay below 8 * 2 * 15 * 128 < 2^15
-      __m256i sh = _mm256_setzero_si256(), sl = _mm256_setzero_si256();
+      __m256i sh[R], sl[R];
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) sh[r] = sl[r] = _mm256_setzero_si256();
+      #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
         const __m256i v = _mm256_loadu_si256(wb + p);
         const __m256i qa = _mm256_and_si256(v, low), qb = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(qa, _mm256_set1_epi32(xh[p])));
-        sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(qb, _mm256_set1_epi32(xh[p + 4])));
-        sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(qa, _mm256_set1_epi32(xl[p])));
-        sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(qb, _mm256_set1_epi32(xl[p + 4])));
+        #pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const int32_t* xh = reinterpret_cast<const int32_t*>(xq + 2 * r * K + 64 * b);
+          const int32_t* xl = xh + 8;
+          sh[r] = _mm256_add_epi16(sh[r], _mm256_maddubs_epi16(qa, _mm256_set1_epi32(xh[p])));
+          sh[r] = _mm256_add_epi16(sh[r], _mm256_maddubs_epi16(qb, _mm256_set1_epi32(xh[p + 4])));
+          sl[r] = _mm256_add_epi16(sl[r], _mm256_maddubs_epi16(qa, _mm256_set1_epi32(xl[p])));
+          sl[r] = _mm256_add_epi16(sl[r], _mm256_maddubs_epi16(qb, _mm256_set1_epi32(xl[p + 4])));
+          keep(sh[r]), keep(sl[r]);
+        }
       }
-      const __m256i t = _mm256_add_epi32(_mm256_madd_epi16(sh, c256), _mm256_madd_epi16(sl, ones));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(d, _mm256_broadcast_ss(xd + b)), acc);
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m256i t = _mm256_add_epi32(_mm256_madd_epi16(sh[r], c256), _mm256_madd_epi16(sl[r], ones));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(d, _mm256_broadcast_ss(xd + r * K / 32 + b)), acc[r]);
+      }
     }
   }
-  _mm256_storeu_ps(y, _mm256_add_ps(acc, acc_m));
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * N, _mm256_add_ps(acc[r], acc_m[r]));
+}
+
+// f(std::integral_constant<int, R>, m) over rows [0, M) of x in tiles of R rows: R at a time, the rest in one
+// smaller tile. Which tile a row lands in changes nothing in its result (the row kernels' promise).
+template <int R, typename F>
+inline void row_tiles(int64_t M, const F& f, int64_t first = 0) {
+  int64_t m = 0;
+  for (; m + R <= M; m += R) f(std::integral_constant<int, R>{}, first + m);
+  if constexpr (R > 1)
+    if (m < M) row_tiles<R - 1>(M - m, f, first + m);
+}
+
+// Rows of x per pass over a weight group: 1, 2 or 4, the op's `tile` argument (kernels.row_tile measures which is
+// fastest on the machine; every choice gives the same bits). 0, the schema's default, is 1: a default that
+// kernels.run never passes, so that every compiled graph names its tile (kernels.OPS says why).
+constexpr int kMaxTile = 4;
+
+inline int64_t check_tile(int64_t tile) {
+  TORCH_CHECK(tile == 0 || tile == 1 || tile == 2 || tile == 4, "tile must be 1, 2 or 4");
+  return tile == 0 ? 1 : tile;
+}
+
+template <typename F>
+inline void row_tiles(int64_t tile, int64_t M, const F& f) {
+  tile = check_tile(tile);
+  tile == 4 ? row_tiles<4>(M, f) : tile == 2 ? row_tiles<2>(M, f) : row_tiles<1>(M, f);
 }
 
 void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
@@ -249,87 +322,14 @@ void check_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
               "int8_linear: bad weight or scales");
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  const int64_t M = x.size(0), N = w.size(0), K = w.size(1), G = scales.size(1);
-  check_int8(x, w, scales);
-  const at::Tensor xf = as_float(x);
-  const QuantizedInput& xin = quantize_input<Split::no>(xf, 0);
-  at::Tensor y = at::empty({M, N}, xf.options());
-  const int16_t* qp = reinterpret_cast<const int16_t*>(xin.q.data());
-  const float *dp = xin.d.data(), *sp = scales.data_ptr<float>();
-  const int8_t* wp = w.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
-  // no software prefetch: one sequential stream per thread, which the hardware prefetcher follows
-  parallel_chunks(N / 8, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t m = 0; m < M; ++m)
-        int8_rows8(qp + m * K, dp + m * K / 32, K, wp + r * 8 * K, sp + r * 8 * G, G, yp + m * N + 8 * r);
-  });
-  return in_dtype(y, x.scalar_type());
-}
-
-// silu(x @ w1.T) * (x @ w3.T) (a gated MLP's first half) in one call: both products of a row group side by side,
-// so x is rounded once and the (M, N) result is written once, instead of two int8_linear calls and a pointwise op.
-at::Tensor int8_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
-                    const at::Tensor& s3) {
-  const int64_t M = x.size(0), N = w1.size(0), K = w1.size(1), G = s1.size(1);
-  check_int8(x, w1, s1);
-  check_int8(x, w3, s3);
-  TORCH_CHECK(w3.sizes() == w1.sizes() && s3.sizes() == s1.sizes(), "int8_glu: w1 and w3 must have the same shapes");
-  const at::Tensor xf = as_float(x);
-  const QuantizedInput& xin = quantize_input<Split::no>(xf, 0);
-  at::Tensor y = at::empty({M, N}, xf.options());
-  const int16_t* qp = reinterpret_cast<const int16_t*>(xin.q.data());
-  const float *dp = xin.d.data(), *sp1 = s1.data_ptr<float>(), *sp3 = s3.data_ptr<float>();
-  const int8_t *wp1 = w1.data_ptr<int8_t>(), *wp3 = w3.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
-  parallel_chunks(N / 8, 4, [&](int64_t begin, int64_t end) {
-    alignas(32) float a[8], b[8];
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t m = 0; m < M; ++m) {
-        int8_rows8(qp + m * K, dp + m * K / 32, K, wp1 + r * 8 * K, sp1 + r * 8 * G, G, a);
-        int8_rows8(qp + m * K, dp + m * K / 32, K, wp3 + r * 8 * K, sp3 + r * 8 * G, G, b);
-        _mm256_storeu_ps(yp + m * N + 8 * r, silu_mul(_mm256_load_ps(a), _mm256_load_ps(b)));
-      }
-  });
-  return in_dtype(y, x.scalar_type());
-}
-
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm) {
-  const int64_t M = x.size(0), N = w.size(0), K = 2 * w.size(1), G = dm.size(2);
-  check(x, w, K);
-  TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf && dm.is_contiguous() && N % 8 == 0 &&
-              dm.dim() == 4 && dm.size(0) == N / 8 && dm.size(1) == 2 && dm.size(3) == 8 && K % G == 0 &&
-              (K / G) % 32 == 0, "int4_linear: bad weight or dm");
-  const at::Tensor xf = as_float(x);
-  const QuantizedInput& xin = quantize_input<Split::bytes>(xf, G);  // s: sums of x per group, for the m terms
-  at::Tensor y = at::empty({M, N}, xf.options());
-  const int8_t* qp = xin.q.data();
-  const float *dp = xin.d.data(), *xsp = xin.s.data();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const uint16_t* mp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
-  float* yp = y.data_ptr<float>();
-  // no software prefetch (as int8): prefetching 2 row groups ahead made the int4 calls slower (docs/kernels.md)
-  parallel_chunks(N / 8, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t m = 0; m < M; ++m)
-        int4_rows8(qp + 2 * m * K, dp + m * K / 32, xsp + m * G, K, wp + r * 4 * K, mp + 16 * G * r, G, yp + m * N + 8 * r);
-    }
-  });
-  return in_dtype(y, x.scalar_type());
-}
-
 // ---- float32 and bf16 weights, as stored ------------------------------------------------------------------
 
-// A weight type's 16 inputs of one row into two float32 accumulators. x comes as float32 in the order prepare() gives.
+// A weight type's 16 inputs of one row as two vectors of float32. x comes as float32 in the order prepare() gives.
 struct Float32Weights {
   using T = float;
   static void prepare(const float* x, int64_t K, float* out) { std::copy(x, x + K, out); }
   static __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
-  static void fma16(const float* w, const float* x, __m256& a, __m256& b) {
-    a = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(x), a);
-    b = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_loadu_ps(x + 8), b);
-  }
+  static void load16(const float* w, __m256& lo, __m256& hi) { lo = _mm256_loadu_ps(w), hi = _mm256_loadu_ps(w + 8); }
 };
 // A bf16 value is the high half of a float32: in each 32-bit lane of 16 loaded weights, a shift left by 16 gives the
 // even input's weight and a mask the odd one's, with no shuffles; so x is reordered per 16: 8 even inputs, 8 odd ones.
@@ -344,24 +344,40 @@ struct BFloat16Weights {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
   }
-  static void fma16(const uint16_t* w, const float* x, __m256& a, __m256& b) {
+  static void load16(const uint16_t* w, __m256& lo, __m256& hi) {  // the 8 even inputs' weights, the 8 odd ones'
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(x), a);
-    b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000)))),
-                        _mm256_loadu_ps(x + 8), b);
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000))));
   }
 };
 
-// The dot products of S weight rows with x, read side by side. The rows come from S places far apart in the
-// matrix: S long sequential streams per thread, which the hardware prefetcher follows at once; one row at a time (one
-// stream per thread, as inductor's GEMM template reads) leaves memory bandwidth unused (docs/kernels.md).
-template <typename W, int S>
+// The dot products of S weight rows with R rows of x (row r at x + r K), read side by side: out[r S + s]. The weight
+// rows come from S places far apart in the matrix: S long sequential streams per thread, which the hardware
+// prefetcher follows at once; one row at a time (one stream per thread, as inductor's GEMM template reads) leaves
+// memory bandwidth unused (docs/kernels.md). With R > 1 each weight vector is loaded and widened once for R rows of x.
+// Each (weight row, x row) pair gets the same two accumulators and the same order of operations whatever S and R are.
+template <typename W, int S, int R>
 inline void dots(const float* x, int64_t K, const typename W::T* const* w, float* out) {
-  __m256 a[S][2];
-  for (int s = 0; s < S; ++s) a[s][0] = a[s][1] = _mm256_setzero_ps();
+  __m256 a[R][S][2];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) a[r][s][0] = a[r][s][1] = _mm256_setzero_ps();
   for (int64_t j = 0; j < K; j += 16)
-    for (int s = 0; s < S; ++s) W::fma16(w[s] + j, x + j, a[s][0], a[s][1]);
-  for (int s = 0; s < S; ++s) out[s] = hsum(_mm256_add_ps(a[s][0], a[s][1]));
+    #pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) {
+      __m256 lo, hi;
+      W::load16(w[s] + j, lo, hi);
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        a[r][s][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + r * K + j), a[r][s][0]);
+        a[r][s][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + r * K + j + 8), a[r][s][1]);
+      }
+    }
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) out[r * S + s] = hsum(_mm256_add_ps(a[r][s][0], a[r][s][1]));
 }
 
 // float32 values rounded to the nearest bf16 (ties to even), kept as float32: what a bf16 output would hold. NaN gives
@@ -398,10 +414,11 @@ void check_dense(const at::Tensor& x, const at::Tensor& w, const char* op) {
 }
 
 // Decode rows (M <= 16): y (M, N) = x @ w.T for one or both of (w1, w3); with w3, y = glu8(x @ w1.T, x @ w3.T).
-// T: x's and y's dtype. Work items: groups of 8 rows g, g + q, g + 2 q, g + 3 q (q = groups / 4), read side by side (dots); then the
-// groups left over, one at a time.
+// T: x's and y's dtype. Work items: groups of 8 rows g, g + q, g + 2 q, g + 3 q (q = groups / 4), read side by side
+// (dots); then the groups left over, one at a time. tile 1: each row of x alone (four streams side by side); tile 2
+// or more: rows of x two at a time (each weight loaded once for both, two streams side by side), a last odd row alone.
 template <typename W, typename T>
-void dense_rows(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, T* yp) {
+void dense_rows(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, int64_t tile, T* yp) {
   constexpr int S = 4;
   const int64_t M = x.size(0), N = w1.size(0), K = w1.size(1), q = N / 8 / S, items = q + N / 8 % S;
   thread_local std::vector<float> xs;  // lives as long as the thread (see QuantizedInput)
@@ -412,27 +429,40 @@ void dense_rows(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3,
   const WT* wp1 = reinterpret_cast<const WT*>(w1.data_ptr());
   const WT* wp3 = w3 ? reinterpret_cast<const WT*>(w3->data_ptr()) : nullptr;
   parallel_chunks(items, 2, [&](int64_t begin, int64_t end) {
-    alignas(32) float g[S][8], u[S][8];
+    alignas(32) float g[2][S][8], u[2][S][8];  // [row of x][group][row in group]
     int64_t row[S];  // first rows of the item's groups
-    const auto products = [&](const WT* wp, const float* xm, int n, float (*out)[8]) {  // out[s][i]: row row[s] + i
+    // out[r][s][i] = x row r of the tile . weight row row[s] + i, for the tile's R (1 or 2) rows of x from xm
+    const auto products = [&](const WT* wp, const float* xm, int R, int n, float (*out)[S][8]) {
       const WT* rows[S];
-      float t[S];
+      float t[2 * S];
       for (int i = 0; i < 8; ++i) {
         for (int s = 0; s < n; ++s) rows[s] = wp + (row[s] + i) * K;
-        n == S ? dots<W, S>(xm, K, rows, t) : dots<W, 1>(xm, K, rows, t);
-        for (int s = 0; s < n; ++s) out[s][i] = t[s];
+        if (R == 1) {
+          n == S ? dots<W, S, 1>(xm, K, rows, t) : dots<W, 1, 1>(xm, K, rows, t);
+          for (int s = 0; s < n; ++s) out[0][s][i] = t[s];
+        } else {
+          for (int s = 0; s < n; s += 2) {
+            const int ns = std::min(2, n - s);
+            ns == 2 ? dots<W, 2, 2>(xm, K, rows + s, t) : dots<W, 1, 2>(xm, K, rows + s, t);
+            for (int r = 0; r < 2; ++r)
+              for (int j = 0; j < ns; ++j) out[r][s + j][i] = t[r * ns + j];
+          }
+        }
       }
     };
     for (int64_t it = begin; it < end; ++it) {
       const int n = it < q ? S : 1;
       for (int s = 0; s < n; ++s) row[s] = 8 * (it < q ? it + s * q : S * q + it - q);
-      for (int64_t m = 0; m < M; ++m) {
-        products(wp1, xp + m * K, n, g);
-        if (wp3) products(wp3, xp + m * K, n, u);
-        for (int s = 0; s < n; ++s) {
-          const __m256 gv = _mm256_load_ps(g[s]);
-          store8(yp + m * N + row[s], wp3 ? glu8<T>(gv, _mm256_load_ps(u[s])) : gv);
-        }
+      for (int64_t m = 0; m < M;) {
+        const int R = tile >= 2 && M - m >= 2 ? 2 : 1;
+        products(wp1, xp + m * K, R, n, g);
+        if (wp3) products(wp3, xp + m * K, R, n, u);
+        for (int r = 0; r < R; ++r)
+          for (int s = 0; s < n; ++s) {
+            const __m256 gv = _mm256_load_ps(g[r][s]);
+            store8(yp + (m + r) * N + row[s], wp3 ? glu8<T>(gv, _mm256_load_ps(u[r][s])) : gv);
+          }
+        m += R;
       }
     }
   });
@@ -506,26 +536,25 @@ void tiles(const float* x, int64_t K, int64_t rows, const float* p, T* y, int64_
   }
 }
 
-// y (M, N) = x @ w1.T, or glu8(x @ w1.T, x @ w3.T), for float32 x (M, K). Work items: a block of at most 384 rows of x
-// (384 x K floats stay in L3) times one panel of 16 rows of each weight (K x 16 floats, in L2). Packing widens each
-// weight once per block, against 2 x 16 x (block rows) FLOPs per weight (measured against MKL: docs/kernels.md).
-template <typename W, typename T>
-void dense_gemm(const float* x, int64_t M, const at::Tensor& w1, const at::Tensor* w3, T* y) {
-  using WT = typename W::T;
-  const int64_t N = w1.size(0), K = w1.size(1), panels = (N + 15) / 16, blocks = (M + 383) / 384;
+// y (M, N) = x @ w1.T, or glu8(x @ w1.T, x @ w3.T) when glu, for float32 x (M, K). pack(w, j, cols, p) writes the
+// panel of rows j..j + cols of weight w (0: w1, 1: w3) to p, as pack16 does: any weight format whose rows can be
+// unpacked to float32 uses this one GEMM. Work items: a block of at most 384 rows of x (384 x K floats stay in L3)
+// times one panel of 16 rows of each weight (K x 16 floats, in L2). Packing widens each weight once per block,
+// against 2 x 16 x (block rows) FLOPs per weight (measured against MKL: docs/kernels.md).
+template <typename T, typename P>
+void gemm(const float* x, int64_t M, int64_t N, int64_t K, bool glu, const P& pack, T* y) {
+  const int64_t panels = (N + 15) / 16, blocks = (M + 383) / 384;
   const int64_t mc = (M + blocks - 1) / blocks;
-  const WT* wp1 = reinterpret_cast<const WT*>(w1.data_ptr());
-  const WT* wp3 = w3 ? reinterpret_cast<const WT*>(w3->data_ptr()) : nullptr;
   parallel_chunks(blocks * panels, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> buf;  // the panels; lives as long as the thread
-    buf.resize((wp3 ? 2 : 1) * K * 16 + 16);
+    buf.resize((glu ? 2 : 1) * K * 16 + 16);
     float* p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
     for (int64_t it = begin; it < end; ++it) {
       const int64_t m0 = it / panels * mc, rows = std::min(mc, M - m0), j = it % panels * 16;
       const int64_t cols = std::min<int64_t>(16, N - j);
-      pack16<W>(wp1 + j * K, K, cols, p);
-      if (wp3) {
-        pack16<W>(wp3 + j * K, K, cols, p + K * 16);
+      pack(0, j, cols, p);
+      if (glu) {
+        pack(1, j, cols, p + K * 16);
         tiles<3, 2>(x + m0 * K, K, rows, p, y + m0 * N + j, N, cols);
       } else {
         tiles<6, 1>(x + m0 * K, K, rows, p, y + m0 * N + j, N, cols);
@@ -534,41 +563,183 @@ void dense_gemm(const float* x, int64_t M, const at::Tensor& w1, const at::Tenso
   });
 }
 
+template <typename W, typename T>
+void dense_gemm(const float* x, int64_t M, const at::Tensor& w1, const at::Tensor* w3, T* y) {
+  using WT = typename W::T;
+  const int64_t K = w1.size(1);
+  const WT* wp[2] = {reinterpret_cast<const WT*>(w1.data_ptr()), w3 ? reinterpret_cast<const WT*>(w3->data_ptr()) : nullptr};
+  gemm(x, M, w1.size(0), K, w3 != nullptr, [&](int w, int64_t j, int64_t cols, float* p) {
+    pack16<W>(wp[w] + j * K, K, cols, p);
+  }, y);
+}
+
+// Panels from the int8 layout (int8_rows8): rows j..j + cols (cols 8 or 16: one or two groups of 8 rows) as
+// float(w) * s, what dequantize_int8 gives. Per pair i of inputs, the group's 16 bytes (8 rows x 2 inputs) are
+// shuffled to the 8 rows' even input, then their odd one, each widened to float32 and scaled.
+void pack16_int8(const int8_t* w, const float* s, int64_t K, int64_t G, int64_t cols, float* p) {
+  const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const int64_t per = K / G;
+  for (int h = 0; h < 2; ++h)
+    for (int64_t i = 0; i < K / 2; ++i) {
+      float* dst = p + 2 * i * 16 + h * 8;
+      if (h * 8 >= cols) {
+        _mm256_store_ps(dst, _mm256_setzero_ps()), _mm256_store_ps(dst + 16, _mm256_setzero_ps());
+        continue;
+      }
+      const __m128i v = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + h * 8 * K + 16 * i)), split);
+      const __m256 sc = _mm256_loadu_ps(s + h * 8 * G + 8 * (2 * i / per));
+      _mm256_store_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), sc));
+      _mm256_store_ps(dst + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), sc));
+    }
+}
+
+// Panels from the int4 layout (int4_rows8): q * d + m per group, what dequantize_int4_kernel gives. In each 32-byte
+// vector p of a block, int32 lane r holds row r's inputs 4 p + j (low nibbles) and 4 p + 16 + j (high), j = 0..3.
+void pack16_int4(const uint8_t* w, const uint16_t* dm, int64_t K, int64_t G, int64_t cols, float* out) {
+  const __m256i low = _mm256_set1_epi32(0x0F);
+  const int64_t bpg = K / 32 / G;
+  for (int h = 0; h < 2; ++h)
+    for (int64_t b = 0; b < K / 32; ++b) {
+      float* dst = out + 32 * b * 16 + h * 8;
+      if (h * 8 >= cols) {
+        for (int k = 0; k < 32; ++k) _mm256_store_ps(dst + 16 * k, _mm256_setzero_ps());
+        continue;
+      }
+      const uint16_t* g = dm + h * 16 * G;
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 8 * (b / bpg))));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 8 * (G + b / bpg))));
+      for (int pp = 0; pp < 4; ++pp) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + h * 4 * K + 128 * b + 32 * pp));
+        for (int j = 0; j < 4; ++j)
+          for (int half = 0; half < 2; ++half) {
+            const __m256i q = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j + 4 * half), low);
+            const __m256 wq = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+            _mm256_store_ps(dst + (4 * pp + 16 * half + j) * 16, _mm256_add_ps(wq, m));
+          }
+      }
+    }
+}
+
 #ifndef FASTLLAMA_GEMV_MAX_ROWS
 #error "build with -DFASTLLAMA_GEMV_MAX_ROWS=N (kernels.py passes its GEMV_MAX_ROWS)"
 #endif
 constexpr int64_t kGemvMaxRows = FASTLLAMA_GEMV_MAX_ROWS;  // more rows than this are a prefill (kernels.py)
 
+// ---- the quantized ops: GEMVs for decode rows, the GEMM on unpacked panels for prefill rows ----------------
+
+// y = x @ w1.T, or with w3 silu(x @ w1.T) * (x @ w3.T) (a gated MLP's first half) in one call: both products of a row
+// group side by side, so x is rounded once and the (M, N) result is written once, instead of two int8_linear calls
+// and a pointwise op.
+at::Tensor int8_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor* w3,
+                     const at::Tensor* s3, int64_t tile) {
+  const int64_t M = x.size(0), N = w1.size(0), K = w1.size(1), G = s1.size(1);
+  const at::Tensor xf = as_float(x);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  const float* sp[2] = {s1.data_ptr<float>(), s3 ? s3->data_ptr<float>() : nullptr};
+  const int8_t* wp[2] = {w1.data_ptr<int8_t>(), w3 ? w3->data_ptr<int8_t>() : nullptr};
+  float* yp = y.data_ptr<float>();
+  if (M > kGemvMaxRows) {
+    gemm(xf.data_ptr<float>(), M, N, K, w3 != nullptr, [&](int w, int64_t j, int64_t cols, float* p) {
+      pack16_int8(wp[w] + j * K, sp[w] + j * G, K, G, cols, p);
+    }, yp);
+    return in_dtype(y, x.scalar_type());
+  }
+  const QuantizedInput& xin = quantize_input<Split::no>(xf, 0);
+  const int16_t* qp = reinterpret_cast<const int16_t*>(xin.q.data());
+  const float* dp = xin.d.data();
+  // no software prefetch: one sequential stream per thread, which the hardware prefetcher follows
+  parallel_chunks(N / 8, 4, [&](int64_t begin, int64_t end) {
+    alignas(32) float a[kMaxTile][8], b[kMaxTile][8];
+    for (int64_t r = begin; r < end; ++r)
+      row_tiles(tile, M, [&](auto t, int64_t m) {
+        constexpr int R = decltype(t)::value;
+        const auto rows = [&](int w, float* out, int64_t ld) {
+          int8_rows8<R>(qp + m * K, dp + m * K / 32, K, wp[w] + r * 8 * K, sp[w] + r * 8 * G, G, out, ld);
+        };
+        if (!w3) return rows(0, yp + m * N + 8 * r, N);
+        rows(0, a[0], 8), rows(1, b[0], 8);
+        for (int i = 0; i < R; ++i)
+          _mm256_storeu_ps(yp + (m + i) * N + 8 * r, silu_mul(_mm256_load_ps(a[i]), _mm256_load_ps(b[i])));
+      });
+  });
+  return in_dtype(y, x.scalar_type());
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t tile) {
+  check_int8(x, w, scales);
+  return int8_call(x, w, scales, nullptr, nullptr, tile);
+}
+
+at::Tensor int8_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
+                    const at::Tensor& s3, int64_t tile) {
+  check_int8(x, w1, s1);
+  check_int8(x, w3, s3);
+  TORCH_CHECK(w3.sizes() == w1.sizes() && s3.sizes() == s1.sizes(), "int8_glu: w1 and w3 must have the same shapes");
+  return int8_call(x, w1, s1, &w3, &s3, tile);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm, int64_t tile) {
+  const int64_t M = x.size(0), N = w.size(0), K = 2 * w.size(1), G = dm.size(2);
+  check(x, w, K);
+  TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf && dm.is_contiguous() && N % 8 == 0 &&
+              dm.dim() == 4 && dm.size(0) == N / 8 && dm.size(1) == 2 && dm.size(3) == 8 && K % G == 0 &&
+              (K / G) % 32 == 0, "int4_linear: bad weight or dm");
+  const at::Tensor xf = as_float(x);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
+  float* yp = y.data_ptr<float>();
+  if (M > kGemvMaxRows) {
+    gemm(xf.data_ptr<float>(), M, N, K, false, [&](int, int64_t j, int64_t cols, float* p) {
+      pack16_int4(wp + j * K / 2, mp + 2 * j * G, K, G, cols, p);
+    }, yp);
+    return in_dtype(y, x.scalar_type());
+  }
+  const QuantizedInput& xin = quantize_input<Split::bytes>(xf, G);  // s: sums of x per group, for the m terms
+  const int8_t* qp = xin.q.data();
+  const float *dp = xin.d.data(), *xsp = xin.s.data();
+  // no software prefetch (as int8): prefetching 2 row groups ahead made the int4 calls slower (docs/kernels.md)
+  parallel_chunks(N / 8, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      row_tiles(tile, M, [&](auto t, int64_t m) {
+        int4_rows8<t>(qp + 2 * m * K, dp + m * K / 32, xsp + m * G, K, wp + r * 4 * K, mp + 16 * G * r, G,
+                      yp + m * N + 8 * r, N);
+      });
+  });
+  return in_dtype(y, x.scalar_type());
+}
+
 template <typename W, typename T>
-void dense(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, T* y) {
-  if (x.size(0) <= kGemvMaxRows) return dense_rows<W>(x, w1, w3, y);
+void dense(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, int64_t tile, T* y) {
+  if (x.size(0) <= kGemvMaxRows) return dense_rows<W>(x, w1, w3, tile, y);
   const at::Tensor xf = as_float(x);
   dense_gemm<W>(xf.data_ptr<float>(), x.size(0), w1, w3, y);
 }
 
-at::Tensor dense_call(const at::Tensor& xa, const at::Tensor& w1, const at::Tensor* w3) {
+at::Tensor dense_call(const at::Tensor& xa, const at::Tensor& w1, const at::Tensor* w3, int64_t tile) {
+  tile = check_tile(tile);
   const at::Tensor x = xa.is_contiguous() ? xa : xa.contiguous();
   at::Tensor y = at::empty({x.size(0), w1.size(0)}, x.options());
   if (w1.scalar_type() == at::kFloat)
-    dense<Float32Weights>(x, w1, w3, y.data_ptr<float>());
+    dense<Float32Weights>(x, w1, w3, tile, y.data_ptr<float>());
   else if (x.scalar_type() == at::kFloat)
-    dense<BFloat16Weights>(x, w1, w3, y.data_ptr<float>());
+    dense<BFloat16Weights>(x, w1, w3, tile, y.data_ptr<float>());
   else
-    dense<BFloat16Weights>(x, w1, w3, y.data_ptr<at::BFloat16>());
+    dense<BFloat16Weights>(x, w1, w3, tile, y.data_ptr<at::BFloat16>());
   return y;
 }
 
-at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, int64_t tile) {
   check_dense(x, w, "dense_linear");
-  return dense_call(x, w, nullptr);
+  return dense_call(x, w, nullptr, tile);
 }
 
-at::Tensor dense_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3) {
+at::Tensor dense_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, int64_t tile) {
   check_dense(x, w1, "dense_glu");
   check_dense(x, w3, "dense_glu");
   TORCH_CHECK(w1.sizes() == w3.sizes() && w1.scalar_type() == w3.scalar_type(),
               "dense_glu: w1 and w3 must have the same shape and dtype");
-  return dense_call(x, w1, &w3);
+  return dense_call(x, w1, &w3, tile);
 }
 
 // ---- attention of one new token over the KV cache --------------------------------------------------------

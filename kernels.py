@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import functools
 import hashlib
+import json
 import mmap
 import os
 import subprocess
@@ -93,12 +94,18 @@ def quantized_kernel(device: torch.device, in_features: int, out_features: int) 
     return "torch"
 
 
+def _rows_here(x: Tensor) -> bool:
+    """Whether the C++ ops take x's rows: decode rows always; prefill rows where this CPU's dense_gemm is the faster
+    GEMM (for the quantized ops, against dequantizing the weight and calling F.linear)."""
+    return gemv(x) or this_cpu().dense_gemm
+
+
 def _dense_takes(x: Tensor, w: Tensor) -> bool:
     """dense_linear computes x @ w.T: CPU, float32 or bf16 x and w of one dtype, w (N, K) contiguous with N % 8 == 0
-    and K % 32 == 0; decode rows, or prefill rows where this CPU's dense_gemm is the faster GEMM."""
+    and K % 32 == 0; the rows _rows_here takes."""
     return (x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
             and w.dim() == 2 and w.size(0) % 8 == 0 and w.size(1) % 32 == 0 and w.is_contiguous()
-            and (gemv(x) or this_cpu().dense_gemm))
+            and _rows_here(x))
 
 
 def _attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -116,6 +123,7 @@ class Op:
     fake: Callable  # the output's shape and dtype, for torch.compile
     reference: Callable  # the same math in PyTorch: the op's specification and its stand-in
     takes: Callable  # (the op's arguments) -> whether the C++ op may compute them
+    tuned: str | None = None  # row_tile's family: the op ends with `int tile`, which run() passes as measured
 
 
 def _rows_out(x, w, *_):
@@ -130,16 +138,21 @@ def _int4_reference(x, w, dm):
     return float_linear(x, dequantize_int4_kernel(w, dm))
 
 
-OPS = {  # the weights are already in the kernels' layouts (quantized_kernel chose "cpp"); rows decide the rest
-    "int8_linear": Op("(Tensor x, Tensor weight, Tensor scales) -> Tensor", _rows_out, _int8_reference,
-                      lambda x, w, s: gemv(x)),
-    "int8_glu": Op("(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3) -> Tensor", _rows_out,
-                   _glu(_int8_reference), lambda x, w1, s1, w3, s3: gemv(x) and w1.shape == w3.shape),
-    "int4_linear": Op("(Tensor x, Tensor weight, Tensor dm) -> Tensor", _rows_out, _int4_reference,
-                      lambda x, w, dm: gemv(x)),
-    "dense_linear": Op("(Tensor x, Tensor weight) -> Tensor", _rows_out, float_linear, _dense_takes),
-    "dense_glu": Op("(Tensor x, Tensor w1, Tensor w3) -> Tensor", _rows_out, _glu(float_linear),
-                    lambda x, w1, w3: _dense_takes(x, w1) and _dense_takes(x, w3) and w1.shape == w3.shape),
+# The weights are already in the kernels' layouts (quantized_kernel chose "cpp"); rows decide the rest. inductor's
+# cache keys a compiled graph by its ops' names and arguments, not their schemas: a graph cached before a schema
+# changed is replayed against the new one and fails. So a changed schema adds an argument every call passes (a tile
+# argument's default, 0, is one run() never passes: a graph without it is an older version's), or renames the op.
+OPS = {
+    "int8_linear": Op("(Tensor x, Tensor weight, Tensor scales, int tile=0) -> Tensor", _rows_out, _int8_reference,
+                      lambda x, w, s: _rows_here(x), "int8"),
+    "int8_glu": Op("(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3, int tile=0) -> Tensor", _rows_out,
+                   _glu(_int8_reference), lambda x, w1, s1, w3, s3: _rows_here(x) and w1.shape == w3.shape, "int8"),
+    "int4_linear": Op("(Tensor x, Tensor weight, Tensor dm, int tile=0) -> Tensor", _rows_out, _int4_reference,
+                      lambda x, w, dm: _rows_here(x), "int4"),
+    "dense_linear": Op("(Tensor x, Tensor weight, int tile=0) -> Tensor", _rows_out, float_linear, _dense_takes,
+                       "dense"),
+    "dense_glu": Op("(Tensor x, Tensor w1, Tensor w3, int tile=0) -> Tensor", _rows_out, _glu(float_linear),
+                    lambda x, w1, w3: _dense_takes(x, w1) and _dense_takes(x, w3) and w1.shape == w3.shape, "dense"),
     "decode_attention": Op("(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor",
                            lambda q, k, v, mask: torch.empty_like(q), _attention_reference,
                            lambda q, k, v, mask: q.device.type == "cpu" and q.size(-1) % 8 == 0
@@ -148,10 +161,13 @@ OPS = {  # the weights are already in the kernels' layouts (quantized_kernel cho
 
 
 def run(name: str, *args: Tensor) -> Tensor:
-    """OPS[name] on args: the C++ op where its entry takes them, else its PyTorch reference. Callers route here only
-    once the kernels are built (cpu_kernels) and, for quantized weights, packed in the kernels' layout."""
+    """OPS[name] on args: the C++ op where its entry takes them (with the tile row_tile measured), else its PyTorch
+    reference. Callers route here only once the kernels are built (cpu_kernels) and, for quantized weights, packed
+    in the kernels' layout."""
     op = OPS[name]
-    return getattr(torch.ops.fastllama, name)(*args) if op.takes(*args) else op.reference(*args)
+    if not op.takes(*args):
+        return op.reference(*args)
+    return getattr(torch.ops.fastllama, name)(*args, *((row_tile(op.tuned),) if op.tuned else ()))
 
 
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-falign-loops=32",
@@ -171,13 +187,21 @@ def build_directory() -> Path:
 
 
 def build(folder: Path) -> None:
-    """Build kernels.cpp in folder and load it (or load the build already there), saying on stderr when it compiles."""
+    """Build kernels.cpp in folder and load it, saying on stderr when it compiles. A build already there is loaded
+    as it is: the folder's name is the source's content and flags (build_directory), so it cannot be stale, and
+    skipping torch's build check (ninja, compiler probes) saves ~0.5 s of every start."""
     from torch.utils.cpp_extension import load
 
+    so = folder / f"{folder.name}.so"
+    if so.is_file():
+        try:
+            torch.ops.load_library(str(so))
+            return
+        except OSError:  # a build cut short: build it again
+            pass
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / f"{folder.name}.so").is_file():
-        print("building fastllama's C++ kernels for this version of kernels.cpp (once, about a minute) ...",
-              file=sys.stderr, flush=True)
+    print("building fastllama's C++ kernels for this version of kernels.cpp (once, about a minute) ...",
+          file=sys.stderr, flush=True)
     load(name=folder.name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False, verbose=False,
          extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
 
@@ -196,7 +220,85 @@ def cpu_kernels() -> bool:
         print(f"warning: fastllama's C++ kernels did not build ({str(e).splitlines()[0]}); "
               "using the slower PyTorch path", file=sys.stderr)
         return False
+    _tiles.update(tuned_tiles())
     return True
+
+
+# ---- which row tile: measured once per machine and kernel build ------------------------------------------
+
+TILES = (1, 2, 4)  # rows of x per pass over a weight group in the decode kernels; every tile gives the same bits
+TUNE_ROWS = 8  # the decode rows the tiles are timed at (a server's default batch)
+
+
+def _tuning_args(family: str, gen: torch.Generator) -> tuple:
+    """Weights of one layer of each family, large enough (2-4 MB) to come from memory as a model's do."""
+    N, K = 2048, 1024
+    if family == "int8":
+        return int8_to_kernel(torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen), torch.rand(N, K // 32))
+    if family == "int4":
+        return int4_to_kernel(torch.randint(0, 16, (N, K), generator=gen), torch.rand(N, K // 32) / 16,
+                              torch.rand(N, K // 32))
+    return (torch.randn(N, K, generator=gen).bfloat16(),)
+
+
+def measure_tiles() -> dict[str, int]:
+    """The fastest tile of each family on this machine: each tile timed on TUNE_ROWS rows, rounds alternating
+    between the tiles (so that the machine's drift falls on all of them), the best of each kept."""
+    import time
+
+    gen, best = torch.Generator().manual_seed(0), {}
+    for family, name in (("int8", "int8_linear"), ("int4", "int4_linear"), ("dense", "dense_linear")):
+        args = _tuning_args(family, gen)
+        x = torch.randn(TUNE_ROWS, args[0].size(1) * (2 if family == "int4" else 1), generator=gen)
+        x = x.bfloat16() if family == "dense" else x
+        op = getattr(torch.ops.fastllama, name)
+        times = {t: float("inf") for t in TILES}
+        for _ in range(5):
+            for t in TILES:
+                start = time.perf_counter()
+                op(x, *args, t)
+                times[t] = min(times[t], time.perf_counter() - start)
+        best[family] = min(TILES, key=times.get)
+    return best
+
+
+def _machine() -> str:
+    """This CPU's model name (the tiles file may sit on a disk that several kinds of machine share)."""
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'unknown'} / {this_cpu().capability}"
+
+
+@functools.cache
+def tuned_tiles() -> dict[str, int]:
+    """measure_tiles()'s answer for this machine, kept in tiles.json in the kernels' build folder: measured on the first
+    use of a build on a machine (~0.3 s), read from the file after that."""
+    path = build_directory() / "tiles.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    machine = _machine()
+    if not isinstance(known.get(machine), dict) or set(known[machine]) != {"int8", "int4", "dense"}:
+        known[machine] = measure_tiles()
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(path)
+        except OSError:  # a read-only build folder: measured again next time
+            tmp.unlink(missing_ok=True)
+    return known[machine]
+
+
+_tiles: dict[str, int] = {}  # tuned_tiles(), copied in once by cpu_kernels(): a plain dict torch.compile reads as data
+
+
+def row_tile(family: str) -> int:
+    """The tile the decode kernels of a family ("int8", "int4", "dense") run with on this machine (tuned_tiles)."""
+    return _tiles.get(family, 1)
 
 
 # ---- layouts: reference math and conversion (pure functions) --------------------------------------------

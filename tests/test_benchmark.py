@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -12,19 +13,54 @@ import benchmark
 def test_benchmark_tiny(tiny_llama, tmp_path, capsys):
     _, folder = tiny_llama
     rows = benchmark.main(checkpoint_path=folder, device="cpu", precisions="fp32", compare="transformers",
-                          eager=True, prompt_tokens=8, max_new_tokens=6, batch_size=2, runs=1,
-                          json_path=tmp_path / "b.json")
+                          eager=True, prompt_tokens=8, max_new_tokens=6, batch_size="2", runs=1,
+                          json_path=tmp_path / "b.json", startup=False)
     assert [(r["precision"], r["system"]) for r in rows] == [
         ("fp32", "fastllama --compile"), ("fp32", "fastllama eager"), ("fp32", "transformers")]
     for r in rows:
         assert "error" not in r, r
-        assert min(r["decode_tok_s"], r["decode_batch_tok_s"], r["ttft_ms"], r["prefill_tok_s"]) > 0
+        assert r["batch_sizes"] == [2] and set(r["decode_batch_tok_s"]) == {"2"}
+        assert min(r["decode_tok_s"], *r["decode_batch_tok_s"].values(), r["ttft_ms"], r["prefill_tok_s"]) > 0
+        assert r["startup_s"] is None
         assert r["bandwidth_gb_s"] > 0 and r["peak_memory_gb"] > 0 and r["copy_bandwidth_gb_s"] > 0
         assert (r["compile_s"] is not None) == (r["system"] == "fastllama --compile")
     assert len({r["weights_gb"] for r in rows}) == 1  # one rule for the bytes a token reads, whatever the system
     assert json.loads((tmp_path / "b.json").read_text()) == rows
     out = capsys.readouterr().out
     assert "| fp32 | transformers |" in out and "| fp32 | fastllama --compile |" in out
+    assert "| batch 2 tok/s |" in out
+
+
+def test_table_has_a_column_per_batch_size_with_its_ratio_to_batch_1(capsys):
+    """A sweep prints each batch size's tokens/s of all rows and how many times batch 1's that is; a system that does
+    not batch (llama-cpp-python) gets dashes; startup seconds where measured."""
+    row = dict(precision="int4", prefill_tok_s=300.0, ttft_ms=850.0, decode_tok_s=50.0, bandwidth_gb_s=4.0,
+               peak_memory_gb=0.8, compile_s=30.0)
+    rows = [dict(row, system="fastllama --compile", decode_batch_tok_s={"2": 90.0, "8": 260.0}, startup_s=4.25),
+            dict(row, system="llama.cpp", decode_batch_tok_s={}, startup_s=1.0, compile_s=None)]
+    benchmark.print_table(rows, 256, 128, [2, 8], 20.0)
+    out = capsys.readouterr().out
+    assert "| decode tok/s | batch 2 tok/s | batch 8 tok/s | GB/s |" in out
+    assert "| 50.0 | 90.0 (1.8x) | 260.0 (5.2x) | 4.0 |" in out and "| 30 | 4.2 | 1.00 | - |" in out
+    assert "| 50.0 | - | - | 4.0 |" in out
+
+
+def test_startup_times_a_new_process_to_its_first_token(tiny_llama):
+    """The startup column: generate.py in a new process, to exit after one token, eager and compiled flags as the
+    row's system; a failing command is an error naming it, not a time."""
+    folder = tiny_llama[1]
+    cpu = torch.device("cpu")
+    cmd = benchmark.startup_command("fastllama eager", folder, "fp32", cpu)
+    assert cmd[1].endswith("generate.py") and "--compile" not in cmd and cmd[cmd.index("--max_new_tokens") + 1] == "1"
+    assert "--compile" in benchmark.startup_command("fastllama --compile", folder, "fp32", cpu)
+    assert benchmark.startup_command("transformers", folder, "fp32", cpu) is None
+    assert benchmark.startup_seconds(cmd, 1) > 0
+    with pytest.raises(RuntimeError, match="failed"):
+        benchmark.startup_seconds([sys.executable, "-c", "raise SystemExit(3)"], 1)
+    for bad in ("1", "0,4", "x", ""):
+        with pytest.raises(ValueError, match="--batch_size"):
+            benchmark.parse_batch_sizes(bad)
+    assert benchmark.parse_batch_sizes("16,2,4,8,2") == [2, 4, 8, 16]
 
 
 def test_benchmark_quantized_row(tiny_llama, tmp_path):
@@ -39,7 +75,7 @@ def test_benchmark_quantized_row(tiny_llama, tmp_path):
     ids, device = list(range(3, 11)), torch.device("cpu")
     rows = {}
     for precision in ("fp32", "int8"):
-        runner = benchmark.bench_fastllama(folder, device, precision, ids, 6, 2, compiled=False)
+        runner = benchmark.bench_fastllama(folder, device, precision, ids, 6, [2], compiled=False)
         ticks = []
         runner.make_run(1)(ticks.append)
         rows[precision] = dict(runner.info(), tokens=len(ticks))
@@ -53,6 +89,7 @@ def test_benchmark_quantized_row(tiny_llama, tmp_path):
 def test_benchmark_llama_cpp(smollm2_dir, capsys):
     rows = benchmark.main(checkpoint_path=smollm2_dir, device="cpu", precisions="int4", compare="llama.cpp",
                           prompt_tokens=8, max_new_tokens=8, batch_size=2, runs=1)
+    assert rows[0]["startup_s"] > 0 and rows[1]["startup_s"] > 0  # generate.py --compile; llama-cpp-python
     assert [r["system"] for r in rows] == ["fastllama --compile", "llama.cpp"]
     assert rows[1]["weights_file"].endswith("-Q4_1.gguf") and rows[1]["decode_tok_s"] > 0
     out = capsys.readouterr().out

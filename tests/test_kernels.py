@@ -1,5 +1,6 @@
 """The C++ int8 / int4 / float32 / bf16 kernels (kernels.cpp) against the straightforward PyTorch computation, the op
 table that says when each runs, and every CPU-dependent branch forced on whatever CPU runs the tests."""
+import json
 from pathlib import Path
 
 import pytest
@@ -46,11 +47,15 @@ def test_op_table_schemas_fakes_and_references():
         got, ref, fake = packet(*args[name]), op.reference(*args[name]), op.fake(*args[name])
         assert got.shape == ref.shape == fake.shape and got.dtype == ref.dtype == fake.dtype
         torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
-    x40 = torch.randn(40, 128)
-    for name in ("int8_linear", "int4_linear"):
-        rest = args[name][1:]
-        assert not kernels.OPS[name].takes(x40, *rest)
-        torch.testing.assert_close(kernels.run(name, x40, *rest), kernels.OPS[name].reference(x40, *rest))
+    x40 = torch.randn(40, 128)  # prefill rows: the C++ GEMM where the CPU's dense_gemm says, else the reference
+    for cpu in CPUS:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "this_cpu", lambda: cpu)
+            for name in ("int8_linear", "int8_glu", "int4_linear", "dense_linear", "dense_glu"):
+                rest = args[name][1:]
+                assert kernels.OPS[name].takes(x40, *rest) == cpu.dense_gemm
+                ref = kernels.OPS[name].reference(x40, *rest)
+                close(kernels.run(name, x40, *rest), ref, 1e-5)
 
 
 def close(got, ref, rel):
@@ -158,6 +163,64 @@ def test_int4_kernel_matches_reference(N, K, M):
         close(got, x @ wf.T, 2e-4)  # int16 activations: ~1e-5 of the largest output
         close(torch.ops.fastllama.int4_linear(xo, w, dm), xo @ wf.T, 2e-4)
         assert torch.ops.fastllama.int4_linear(x.bfloat16(), w, dm).dtype == torch.bfloat16
+
+
+def quantized_and_dense_args(N: int, K: int, G: int) -> dict:
+    """Arguments of every linear op for weights of (N, K), G scale groups per row for the quantized ones."""
+    q8 = [kernels.int8_to_kernel(torch.randint(-128, 128, (N, K), dtype=torch.int8), torch.rand(N, G) + 0.1)
+          for _ in "ab"]
+    q4 = kernels.int4_to_kernel(torch.randint(0, 16, (N, K)), torch.rand(N, G) * 0.1, torch.randn(N, G))
+    w1, w3 = (torch.randn(N, K) / K**0.5 for _ in "ab")
+    return {"int8_linear": q8[0], "int8_glu": (*q8[0], *q8[1]), "int4_linear": q4,
+            "dense_linear f32": (w1,), "dense_glu f32": (w1, w3),
+            "dense_linear bf16": (w1.bfloat16(),), "dense_glu bf16": (w1.bfloat16(), w3.bfloat16())}
+
+
+@needs_avx2
+@pytest.mark.parametrize("N, K, G", [(96, 576, 18), (40, 128, 1), (1536, 576, 1)])
+def test_decode_rows_give_each_row_what_it_gives_alone(N, K, G):
+    """Every decode size M = 1..16 with every row tile (rows sharing each unpacked weight, and the tile left over):
+    each row of the result is bit for bit the row computed alone, the server's promise that a request's output does
+    not depend on the batch, and the tuner's that its choice changes no result; and it matches the reference.
+    float32 and bf16 x."""
+    assert kernels.cpu_kernels()
+    torch.manual_seed(N + K)
+    args = quantized_and_dense_args(N, K, G)
+    for M in range(1, kernels.GEMV_MAX_ROWS + 1):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, K, dtype=dtype)
+            for key, rest in args.items():
+                name = key.split()[0]
+                if name.startswith("dense") and dtype == torch.bfloat16 and rest[0].dtype != dtype:
+                    continue  # dense ops take a bf16 x with bf16 weights only
+                op = getattr(torch.ops.fastllama, name)
+                alone = torch.cat([op(x[i:i + 1], *rest) for i in range(M)])
+                for tile in kernels.TILES:  # every tile the tuner may pick: the same bits
+                    assert torch.equal(op(x, *rest, tile), alone), (key, M, dtype, tile)
+                with pytest.raises(RuntimeError, match="tile must be 1, 2 or 4"):
+                    op(x, *rest, 3)
+                ref = kernels.OPS[name].reference(x.float(), *rest).float()
+                rel = 2e-4 if dtype == torch.float32 and rest[0].dtype != torch.bfloat16 else 1e-2
+                close(alone, ref, rel)
+
+
+@needs_avx2
+@pytest.mark.parametrize("M", [17, 40, 400])
+def test_quantized_prefill_gemm_matches_dequantized_float(M):
+    """More rows than a decode step: int8 / int4 weights unpacked into the float32 GEMM's panels (both halves of a
+    16-row panel, and a last half panel: N = 40), per channel and per group; float32 x to float32 rounding, bf16 x
+    within a rounding step or two of the bf16 reference."""
+    assert kernels.cpu_kernels()
+    torch.manual_seed(M)
+    for N, K, G in [(40, 576, 18), (96, 128, 1), (1536, 576, 9)]:
+        args = quantized_and_dense_args(N, K, G)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, K, dtype=dtype)
+            for name in ("int8_linear", "int8_glu", "int4_linear"):
+                y = getattr(torch.ops.fastllama, name)(x, *args[name])
+                ref = kernels.OPS[name].reference(x, *args[name])
+                assert y.shape == ref.shape == (M, N) and y.dtype == ref.dtype == dtype
+                close(y, ref.float(), 1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @needs_avx2
@@ -463,7 +526,8 @@ def test_model_decodes_with_the_attention_kernel_as_with_pytorch(tiny_llama):
 
 def test_build_folder_follows_the_source_and_a_first_build_says_so(tmp_path, monkeypatch, capsys):
     """kernels.cpp builds in a folder named by its content (two checkouts of one version share it, of two versions
-    never rebuild each other's); a build that compiles says so on stderr, one that finds its .so does not."""
+    never rebuild each other's); a build that compiles says so on stderr; a whole .so found there is loaded without
+    torch's build step, one cut short is built again."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     first = kernels.build_directory()
     assert first.parent == tmp_path and first.name.startswith("fastllama_kernels_")
@@ -478,9 +542,54 @@ def test_build_folder_follows_the_source_and_a_first_build_says_so(tmp_path, mon
         calls.append(name)
         (Path(build_directory) / f"{name}.so").write_bytes(b"")
 
+    loaded = []
+
+    def fake_load_library(path):  # torch.ops.load_library: a library cut short (empty) does not load
+        if Path(path).stat().st_size == 0:
+            raise OSError(f"{path}: file too short")
+        loaded.append(path)
+
     monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    monkeypatch.setattr(torch.ops, "load_library", fake_load_library)
     capsys.readouterr()
     kernels.build(first)
-    assert "building fastllama's C++ kernels" in capsys.readouterr().err
-    kernels.build(first)
-    assert capsys.readouterr().err == "" and calls == [first.name, first.name]
+    assert "building fastllama's C++ kernels" in capsys.readouterr().err and calls == [first.name]
+    kernels.build(first)  # the .so there is empty: cut short, built again
+    assert "building" in capsys.readouterr().err and calls == [first.name] * 2 and loaded == []
+    (first / f"{first.name}.so").write_bytes(b"a built library")
+    kernels.build(first)  # a whole build: loaded as it is, no build step, nothing said
+    assert capsys.readouterr().err == "" and calls == [first.name] * 2 and loaded == [str(first / f"{first.name}.so")]
+
+
+@needs_avx2
+def test_row_tiles_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    """tuned_tiles measures each family's fastest tile on the first use of a build on a machine, keeps it in the build
+    folder's tiles.json under the machine's name, and reads it from there afterwards; run() passes it to the ops.
+    A file from another machine, or a broken one, is measured over."""
+    assert kernels.cpu_kernels()
+    measured = kernels.measure_tiles()
+    assert set(measured) == {"int8", "int4", "dense"} and set(measured.values()) <= set(kernels.TILES)
+    monkeypatch.setattr(kernels, "build_directory", lambda: tmp_path)
+    (tmp_path / "tiles.json").write_text("{not json")
+    calls = []
+    monkeypatch.setattr(kernels, "measure_tiles", lambda: calls.append(1) or {"int8": 4, "int4": 2, "dense": 1})
+    kernels.tuned_tiles.cache_clear()
+    try:
+        assert kernels.tuned_tiles()["int4"] == 2 and calls == [1]
+        kept = json.loads((tmp_path / "tiles.json").read_text())
+        assert kept == {kernels._machine(): {"int8": 4, "int4": 2, "dense": 1}}
+        kernels.tuned_tiles.cache_clear()
+        assert kernels.tuned_tiles()["int8"] == 4 and calls == [1]  # read back, not measured again
+        (tmp_path / "tiles.json").write_text(json.dumps({"another CPU / AVX512": {"int8": 1, "int4": 1, "dense": 2}}))
+        kernels.tuned_tiles.cache_clear()
+        assert kernels.tuned_tiles()["dense"] == 1 and calls == [1, 1]
+        assert set(json.loads((tmp_path / "tiles.json").read_text())) == {"another CPU / AVX512", kernels._machine()}
+        assert kernels._tiles.keys() == {"int8", "int4", "dense"}  # cpu_kernels() copied this machine's in
+        monkeypatch.setitem(kernels._tiles, "int4", 2)
+        seen = []  # run() calls the op with the tuned tile
+        monkeypatch.setattr(torch.ops.fastllama, "int4_linear", lambda *a: seen.append(a[-1]) or a[0])
+        kernels.run("int4_linear", torch.randn(2, 64), torch.zeros(8, 32, dtype=torch.uint8),
+                    torch.zeros(1, 2, 2, 8, dtype=torch.half))
+        assert seen == [2]
+    finally:
+        kernels.tuned_tiles.cache_clear()
