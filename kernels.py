@@ -231,13 +231,14 @@ TUNE_ROWS = 8  # the decode rows the tiles are timed at (a server's default batc
 
 
 def _tuning_args(family: str, gen: torch.Generator) -> tuple:
-    """Weights of one layer of each family, large enough (2-4 MB) to come from memory as a model's do."""
+    """Weights of one layer of each family, large enough (2-4 MB) to come from memory as a model's do. Drawn from gen
+    only: measuring must not move the global random state that a --seed set (the first run would sample otherwise)."""
     N, K = 2048, 1024
+    scales = lambda: torch.rand(N, K // 32, generator=gen)  # noqa: E731
     if family == "int8":
-        return int8_to_kernel(torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen), torch.rand(N, K // 32))
+        return int8_to_kernel(torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen), scales())
     if family == "int4":
-        return int4_to_kernel(torch.randint(0, 16, (N, K), generator=gen), torch.rand(N, K // 32) / 16,
-                              torch.rand(N, K // 32))
+        return int4_to_kernel(torch.randint(0, 16, (N, K), generator=gen), scales() / 16, scales())
     return (torch.randn(N, K, generator=gen).bfloat16(),)
 
 

@@ -567,8 +567,10 @@ def test_row_tiles_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch)
     folder's tiles.json under the machine's name, and reads it from there afterwards; run() passes it to the ops.
     A file from another machine, or a broken one, is measured over."""
     assert kernels.cpu_kernels()
+    state = torch.get_rng_state()
     measured = kernels.measure_tiles()
     assert set(measured) == {"int8", "int4", "dense"} and set(measured.values()) <= set(kernels.TILES)
+    assert torch.equal(torch.get_rng_state(), state)  # a --seed's samples are the same on the run that measures
     monkeypatch.setattr(kernels, "build_directory", lambda: tmp_path)
     (tmp_path / "tiles.json").write_text("{not json")
     calls = []
