@@ -34,7 +34,7 @@ def test_benchmark_tiny(tiny_llama, tmp_path, capsys):
 def test_table_has_a_column_per_batch_size_with_its_ratio_to_batch_1(capsys):
     """A sweep prints each batch size's tokens/s of all rows and how many times batch 1's that is; a system that does
     not batch (llama-cpp-python) gets dashes; startup seconds where measured."""
-    row = dict(precision="int4", prefill_tok_s=300.0, ttft_ms=850.0, decode_tok_s=50.0, bandwidth_gb_s=4.0,
+    row = dict(precision="int4", threads=2, prefill_tok_s=300.0, ttft_ms=850.0, decode_tok_s=50.0, bandwidth_gb_s=4.0,
                peak_memory_gb=0.8, compile_s=30.0)
     rows = [dict(row, system="fastllama --compile", decode_batch_tok_s={"2": 90.0, "8": 260.0}, startup_s=4.25),
             dict(row, system="llama.cpp", decode_batch_tok_s={}, startup_s=1.0, compile_s=None)]
