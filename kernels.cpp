@@ -282,9 +282,9 @@ inline int64_t check_tile(int64_t tile) {
   return tile == 0 ? 1 : tile;
 }
 
+// (tile as check_tile gave it: the ops check it on entry, never inside a parallel region, which cannot throw)
 template <typename F>
 inline void row_tiles(int64_t tile, int64_t M, const F& f) {
-  tile = check_tile(tile);
   tile == 4 ? row_tiles<4>(M, f) : tile == 2 ? row_tiles<2>(M, f) : row_tiles<1>(M, f);
 }
 
@@ -633,6 +633,7 @@ constexpr int64_t kGemvMaxRows = FASTLLAMA_GEMV_MAX_ROWS;  // more rows than thi
 at::Tensor int8_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor* w3,
                      const at::Tensor* s3, int64_t tile) {
   const int64_t M = x.size(0), N = w1.size(0), K = w1.size(1), G = s1.size(1);
+  tile = check_tile(tile);
   const at::Tensor xf = as_float(x);
   at::Tensor y = at::empty({M, N}, xf.options());
   const float* sp[2] = {s1.data_ptr<float>(), s3 ? s3->data_ptr<float>() : nullptr};
@@ -680,6 +681,7 @@ at::Tensor int8_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm, int64_t tile) {
   const int64_t M = x.size(0), N = w.size(0), K = 2 * w.size(1), G = dm.size(2);
+  tile = check_tile(tile);
   check(x, w, K);
   TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf && dm.is_contiguous() && N % 8 == 0 &&
               dm.dim() == 4 && dm.size(0) == N / 8 && dm.size(1) == 2 && dm.size(3) == 8 && K % G == 0 &&
