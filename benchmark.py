@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+import cuda
 import quantize
 import serve_bench
 from checkpoint import PRECISIONS, Checkpoint, resolve_precision
@@ -74,11 +75,20 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def timed_generate(run, n_new: int) -> tuple[float, float]:
-    """(time to first token s, decode tokens/s after it) of run(callback), which must call back n_new times."""
+def timed_generate(run, n_new: int, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+    """(time to first token s, decode tokens/s after it) of run(callback), which must call back n_new times. On a
+    GPU each stamp waits for the work before it: at the start, at the first token and at the end."""
     marks = []
+
+    def mark(_tok):
+        if not marks:
+            cuda.synchronize(device)
+        marks.append(time.perf_counter())
+
+    cuda.synchronize(device)
     t0 = time.perf_counter()
-    run(lambda _tok: marks.append(time.perf_counter()))
+    run(mark)
+    cuda.synchronize(device)
     t1 = time.perf_counter()
     assert len(marks) == n_new, f"expected {n_new} tokens, got {len(marks)}"
     return marks[0] - t0, (n_new - 1) / (t1 - marks[0])
@@ -292,7 +302,7 @@ def run_worker(spec: dict) -> None:
             run(lambda _: None)  # compiles the decode step for this batch size when it is compiled
             reply({"s": time.perf_counter() - t0})
         elif cmd["op"] == "time":
-            reply(dict(zip(("ttft", "tps"), timed_generate(run, spec["max_new_tokens"]))))
+            reply(dict(zip(("ttft", "tps"), timed_generate(run, spec["max_new_tokens"], device))))
         else:
             reply(runner.info())
             return
@@ -546,7 +556,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
             raise ValueError("--compare llama.cpp needs llama-cpp-python: pip install llama-cpp-python") from None
     weights = Checkpoint.open(checkpoint_path).weights
     ids = prompt_ids(get_tokenizer(weights.parent), prompt_tokens)
-    stream = copy_bandwidth()
+    stream = copy_bandwidth(dev)
     print(f"memory copy bandwidth: {stream:.1f} GB/s", file=sys.stderr)
     systems = ["fastllama --compile"] + (["fastllama eager"] if eager else []) + others
     rows = []

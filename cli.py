@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+import cuda
 import speculative
 import tp
 from model import fit_context
@@ -32,14 +33,17 @@ def run_cli(main_fn: Callable, parser: argparse.ArgumentParser, args: list[str] 
 
 
 class TextStream:
-    """A generate callback that prints batch row 0's text as it grows (stop tokens left out)."""
+    """A generate callback that prints batch row 0's text as it grows, up to its first stop token (a GPU's decode
+    loop may run a few tokens past it: generate.py)."""
 
     def __init__(self, tokenizer, out=None):
         self.text, self.stop_ids, self.out = Detokenizer(tokenizer), tokenizer.stop_ids, out or sys.stdout
+        self.stopped = False
 
     def __call__(self, token: Tensor) -> None:
         t = int(token[0, 0])
-        if t not in self.stop_ids:
+        self.stopped = self.stopped or t in self.stop_ids
+        if not self.stopped:
             self.out.write(self.text.push(t))
             self.out.flush()
 
@@ -47,11 +51,12 @@ class TextStream:
 class Watch:
     """A timed run's callback: stamps the first token's time and streams each token when given a stream."""
 
-    def __init__(self, stream: TextStream | None = None):
-        self.stream, self.first = stream, None
+    def __init__(self, stream: TextStream | None = None, device: torch.device = torch.device("cpu")):
+        self.stream, self.first, self.device = stream, None, device
 
     def __call__(self, token: Tensor) -> None:
         if self.first is None:
+            cuda.synchronize(self.device)  # the first token exists once the device has computed it
             self.first = time.perf_counter()
         if self.stream is not None:
             self.stream(token)
@@ -65,15 +70,15 @@ def timed_samples(run: Callable, prompts: list[str], all_ids: list[list[int]], t
     for j, (text, ids) in enumerate(zip(prompts, all_ids)):
         for i in ([-1] if warmup and j == 0 else []) + list(range(num_samples)):
             stream = TextStream(tokenizer) if batch_size == 1 and i >= 0 and tp.world()[0] == 0 else None
-            watch, stats = Watch(stream), speculative.Stats()
+            watch, stats = Watch(stream, device), speculative.Stats()
             profiling = profile is not None and i == num_samples - 1
             if stream is not None:
                 print(text, end="", flush=True)
+            cuda.synchronize(device)  # nothing queued before the run (loading, the last sample) is timed with it
             t0 = time.perf_counter()
             with torch.profiler.profile() if profiling else contextlib.nullcontext() as prof:
                 out = run(ids, watch, stats)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            cuda.synchronize(device)
             t1 = time.perf_counter()
             if i < 0:
                 tp.log(f"compile time: {t1 - t0:.1f} s (first run, not counted)")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import cli
+import cuda
 import kernels
 import layers
 import prefix_cache
@@ -94,9 +95,9 @@ def verify(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Tens
 
 
 def compile_step(fn, device: torch.device, dynamic: bool = False):
-    """torch.compile a step fn(model, ...) for the device: CUDA graphs on GPU, kernels.compile_cpu's policy on CPU."""
+    """torch.compile a step fn(model, ...) for the device: cuda.py's rules on a GPU, kernels.compile_cpu's on a CPU."""
     if device.type == "cuda":
-        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=dynamic)
+        return cuda.compile_step(fn, dynamic)
     return kernels.compile_cpu(fn, dynamic)
 
 
@@ -120,8 +121,9 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, start_p
     prefix); generation stops early once every row has produced a stop id (rows that stopped earlier
     go on: cut them with until_stop). key_mask (B, S) masks the padding of left-padded rows (left_pad).
     prefill_chunk: prefill in pieces of this many positions (prefill_pieces), as the server's engine does.
-    callback(tokens (B, 1)) sees each new token as soon as it exists. The last returned token is not
-    yet in the cache.
+    callback(tokens (B, 1)) sees each new token as soon as it exists; on a GPU, which the loop asks whether every
+    row has stopped only every cuda.stop_check_every tokens, it may see a few more than are returned. The last
+    returned token is not yet in the cache.
     """
     prompt = prompt.view(1, -1) if prompt.dim() == 1 else prompt
     B, T = prompt.shape
@@ -134,17 +136,29 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, start_p
     for p, q in pieces:  # the pieces before the last only fill the cache
         model(prompt[:, p - start_pos:q - start_pos], torch.arange(p, q, device=device), key_mask, last_only=True)
     token = prefill_step(model, prompt[:, a - start_pos:], torch.arange(a, b, device=device), key_mask, **sampling)
-    out = [token]
-    for i in range(max_new_tokens):
+    out, pos, every = [token], torch.tensor([start_pos + T], device=device), cuda.stop_check_every(device)
+    for i in range(max_new_tokens - 1):  # the position stays on the device; stops are read back every `every` tokens
         if callback is not None:
             callback(token)
         done |= torch.isin(token, stops)
-        if i == max_new_tokens - 1 or bool(done.all()):
+        if (i + 1) % every == 0 and bool(done.all()):
             break
-        pos = torch.tensor([start_pos + T + i], device=device)
         token, _ = decode_step(model, token.clone(), pos, key_mask, **sampling)
+        pos = pos + 1
         out.append(token)
-    return torch.cat(out, dim=1)
+    else:
+        if callback is not None:
+            callback(token)
+    return cut_after_stops(torch.cat(out, dim=1), stops)
+
+
+def cut_after_stops(tokens: Tensor, stops: Tensor) -> Tensor:
+    """tokens (B, N) up to the token by which every row has produced a stop id (all of them if some row has not):
+    what checking after each token gives, whatever `every` the loop checked at."""
+    hit = torch.isin(tokens, stops)
+    if not bool(hit.any(dim=1).all()):
+        return tokens
+    return tokens[:, :int(hit.int().argmax(dim=1).max()) + 1]
 
 
 def generate_cached(model: Transformer, ids: list[int], cached: list[int], max_new_tokens: int, **kw):
@@ -195,21 +209,26 @@ def resolve_device(device: str | None) -> torch.device:
 def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None) -> Transformer:
     """The Transformer of a checkpoint (a Checkpoint, a folder or its model.pth) on device, in precision.
 
-    transform(model), when given, runs once the weights are in place and before quantized layers pick
-    their kernels: tp.shard and tp.split_layers use it.
+    transform(model), when given, cuts or places the model while its weights are still where the checkpoint left them
+    (the CPU): tp.shard keeps this rank's slices, tp.split_layers puts runs of layers on their devices; so a device
+    receives only its own part. It runs before quantized layers pick their kernels.
     """
     ckpt = Checkpoint.open(checkpoint)
     device = torch.device(device)
     dtype = PRECISIONS[resolve_precision(precision, ckpt.quantization, device)]
     model = ckpt.build()
     model.load_state_dict(ckpt.state_dict(), assign=True)
-    model = model.to(device=device, dtype=dtype).eval()
     if ckpt.args.tie_embeddings:
-        model.tie_weights()  # assign= and .to() gave the output layer tensors of its own
-    if ckpt.quantization is None and model.device.type == "cpu":
+        model.tie_weights()  # assign= gave the output layer tensors of its own
+    if ckpt.quantization is None and device.type == "cpu":
         layers.use_cpu_linear(model)  # float32 / bf16 linears by the C++ kernel where kernels.OPS says so
     if transform is not None:  # after the swap above, so that hooks it adds (tp's all-reduces) stay in use
         transform(model)
+    model = model.to(dtype=dtype).eval()
+    if model.device != device:  # what the transform did not place (split_layers places every part)
+        model = model.to(device)
+    if ckpt.args.tie_embeddings and model.output.weight.device == model.device:
+        model.tie_weights()  # .to() copies a tied layer's buffers (an int8 table) one module at a time
     if ckpt.quantization is not None:
         layers.prepare(model)
     if model.device.type == "cpu":
@@ -222,8 +241,8 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
 
 def check_flags(*, prompts, interactive, max_new_tokens, num_samples, batch_size, speculate_k, prompt_lookup,
                 temperature, top_k, top_p, draft_checkpoint_path, prefix_file, save_prefix_cache,
-                load_prefix_cache) -> None:
-    """ValueError naming the first flag, or combination of flags, that a run cannot use."""
+                load_prefix_cache, world_size: int = 1) -> None:
+    """ValueError naming the first flag, or combination of flags, that a run cannot use (world_size: torchrun's)."""
     speculate = draft_checkpoint_path is not None or prompt_lookup is not None
     use_prefix = prefix_file is not None or load_prefix_cache is not None
     if not interactive and not all(prompts):
@@ -241,6 +260,9 @@ def check_flags(*, prompts, interactive, max_new_tokens, num_samples, batch_size
         raise ValueError("speculation and prefix caches work on one sequence: use --batch_size 1, not --interactive")
     if speculate and use_prefix:
         raise ValueError("speculation and a prefix cache cannot be combined (yet); use one of them")
+    if use_prefix and world_size > 1:  # each rank holds its own heads' KV: one file would mix the ranks' caches
+        raise ValueError("--prefix_file / --load_prefix_cache cannot run under torchrun (each rank caches its own "
+                         "heads); run on one process")
 
 
 def load_draft(path, ckpt: Checkpoint, model: Transformer, device, precision: str) -> Transformer:
@@ -293,7 +315,7 @@ def main(*, prompt: str | list[str] | None = None, interactive: bool = False, nu
     check_flags(prompts=prompts, interactive=interactive, max_new_tokens=max_new_tokens, num_samples=num_samples,
                 batch_size=batch_size, speculate_k=speculate_k, prompt_lookup=prompt_lookup, temperature=temperature,
                 top_k=top_k, top_p=top_p, draft_checkpoint_path=draft_checkpoint_path, prefix_file=prefix_file,
-                save_prefix_cache=save_prefix_cache, load_prefix_cache=load_prefix_cache)
+                save_prefix_cache=save_prefix_cache, load_prefix_cache=load_prefix_cache, world_size=tp.world()[1])
     stage_devices = [resolve_device(d) for d in devices.split(",")] if devices else None
     dev, transform, stages = tp.place(resolve_device(device), stage_devices)
     if seed is not None or tp.world()[1] > 1:

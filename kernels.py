@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import cuda
 import model
 
 SOURCE = Path(__file__).resolve().with_name("kernels.cpp")
@@ -84,14 +85,26 @@ def gemv(x: Tensor) -> bool:
     return x.numel() <= GEMV_MAX_ROWS * x.size(-1)
 
 
-def quantized_kernel(device: torch.device, in_features: int, out_features: int) -> str:
-    """Which kernel a quantized layer uses, and so which layout layers.py packs it in: "cpp" (kernels.cpp:
-    K % 64 == 0, N % 8 == 0, the kernels built), "cuda" (torch's) or "torch" (dequantize, then F.linear)."""
-    if device.type == "cuda":
-        return "cuda"
+def quantized_kernel(device: torch.device, kind: str, in_features: int, out_features: int,
+                     groupsize: int | None = None) -> str:
+    """Which kernel a quantized layer (kind "int8" or "int4") uses, and so the layout layers.py packs it in:
+      "cpp"        kernels.cpp: a CPU, K % 64 == 0, N % 8 == 0, the kernels built;
+      "cuda"       torch's CUDA int4 kernel, where cuda.int4_inner_k_tiles fits the layer (the inner k-tiles below);
+      "cast"       int8 with one scale per channel on a GPU: F.linear(x, w.to(x.dtype)) * scales (gpt-fast's form);
+      "torch"      torch's CPU int4 kernel;
+      "dequantize" everything else: the float weight rebuilt, then F.linear."""
     if device.type == "cpu" and in_features % 64 == 0 and out_features % 8 == 0 and cpu_kernels():
         return "cpp"
-    return "torch"
+    if device.type == "cuda" and kind == "int8":
+        return "cast" if groupsize is None else "dequantize"
+    if device.type == "cuda":
+        return "cuda" if int4_tiles(device, in_features, out_features, groupsize) else "dequantize"
+    return "torch" if device.type == "cpu" and kind == "int4" else "dequantize"
+
+
+def int4_tiles(device: torch.device, in_features: int, out_features: int, groupsize: int) -> int | None:
+    """The inner k-tiles of torch's CUDA int4 kernel for a layer on device (None: it cannot run it)."""
+    return cuda.int4_inner_k_tiles(in_features, out_features, groupsize, cuda.capability(device))
 
 
 def _rows_here(x: Tensor) -> bool:

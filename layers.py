@@ -111,16 +111,16 @@ class Int8Linear(nn.Module):
         kernels.cpp, repack weight and scales into its layout (new tensors, so a tied embedding keeps its rows)."""
         if self.kernel is not None:
             return
-        self.kernel = kernels.quantized_kernel(device or self.weight.device, self.in_features, self.out_features)
-        if self.kernel == "cuda" and self.scales.dim() == 2:
-            self.kernel = "torch"  # torch's CUDA int8 kernel is per channel only
+        groupsize = None if self.scales.dim() == 1 else self.in_features // self.scales.size(1)
+        self.kernel = kernels.quantized_kernel(device or self.weight.device, "int8", self.in_features,
+                                               self.out_features, groupsize)
         if self.kernel == "cpp":
             self.weight, self.scales = kernels.int8_to_kernel(self.weight, self.scales.view(self.out_features, -1))
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "cuda":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
+        if self.kernel == "cast":  # gpt-fast's form, one fused kernel under compile (cuda.py)
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         elif self.kernel == "cpp":
             y = kernels.run("int8_linear", x2, self.weight, self.scales)
         else:
@@ -159,27 +159,34 @@ class Int4Linear(nn.Module):
         """Repack the device-independent nibbles into the layout of the device's int4 kernel (as Int8Linear's)."""
         if self.kernel is not None:
             return
-        q = unpack_int4(self.weight)
-        kernel = kernels.quantized_kernel(device or self.weight.device, self.in_features, self.out_features)
+        device = device or self.weight.device
+        kernel = kernels.quantized_kernel(device, "int4", self.in_features, self.out_features, self.groupsize)
         if kernel == "cpp":  # (d, m) = (s, z - 8 s) per group, float16 (quantize_int4 makes them exact)
             s, z = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, G) each
-            self.weight, self.scales_and_zeros = kernels.int4_to_kernel(q, s, z - 8 * s)
-        elif kernel == "cuda":
-            self.weight = torch.ops.aten._convert_weight_to_int4pack(pack_int4(q).contiguous(), 8)
-        else:
-            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        self.kernel = kernel
+            self.weight, self.scales_and_zeros = kernels.int4_to_kernel(unpack_int4(self.weight), s, z - 8 * s)
+        elif kernel == "cuda":  # bf16 scales, as the kernel multiplies (cuda.py)
+            tiles = kernels.int4_tiles(device, self.in_features, self.out_features, self.groupsize)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), tiles)
+            self.scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
+        elif kernel == "torch":
+            q = unpack_int4(self.weight).to(torch.int32)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.kernel = kernel  # "dequantize" keeps the checkpoint's layout
 
     def forward(self, x: Tensor) -> Tensor:
         assert self.kernel is not None, "Int4Linear.prepare() must run after the module is on its device"
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "cpp":
             y = kernels.run("int4_linear", x2, self.weight, self.scales_and_zeros)
-        elif self.kernel == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, self.scales_and_zeros.to(x.dtype))
-        else:
+        elif self.kernel == "cuda":  # bf16 in and out whatever the activations' dtype (cuda.py)
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.groupsize,
+                                                   self.scales_and_zeros).to(x.dtype)
+        elif self.kernel == "torch":
             sz = self.scales_and_zeros.to(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.groupsize, sz)
+        else:
+            w = dequantize_int4(unpack_int4(self.weight), self.scales_and_zeros, self.groupsize)
+            y = kernels.float_linear(x2, w.to(x.dtype))
         y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 

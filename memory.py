@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import cuda
 import layers
 from checkpoint import PRECISIONS, Checkpoint, Quantization, build_model, resolve_precision
 from configs import KNOWN, known_config
 from kernels import GEMV_MAX_ROWS
 from model import ModelArgs, Transformer
 
-CACHE_BUFFERS = ("k_cache", "v_cache", "freqs_cis", "causal_mask")
+CACHE_BUFFERS = ("k_cache", "v_cache", "freqs_cis")
 MiB = 2**20
 # The runtime's own resident memory before a model's weights: Python, torch, the server's libraries and the built C++
 # kernels. Measured once on a CPU (server.py's process after sizing a float model: 255 MiB; generate.py's: 237 MiB;
@@ -113,15 +114,18 @@ def available_bytes(device: torch.device) -> int:
     return (int(info["MemAvailable"].split()[0]) + rss) * 1024
 
 
-def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """The machine's memory bandwidth in GB/s: bytes read + written by a large tensor copy (best of repeats)."""
+def copy_bandwidth(device: torch.device = torch.device("cpu"), gib: float = 1.0, repeats: int = 5) -> float:
+    """The device's memory bandwidth in GB/s: bytes read + written by a large tensor copy in its memory (best of
+    repeats; on a GPU timed from a synchronize to a synchronize)."""
     n = int(gib * 2**30) // 4
-    src, dst = torch.ones(n), torch.empty(n)
+    src, dst = torch.ones(n, device=device), torch.empty(n, device=device)
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
+        cuda.synchronize(device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n * 4 / best / 1e9
 
@@ -156,7 +160,7 @@ class Estimate:
     weights: dict[str, int]  # per component: embedding, attention, feed_forward, norms, output
     kv_bytes_per_token: int  # one position of one row, every layer
     kv_cache_bytes: int
-    tables: dict[str, int]  # rotary table, attention mask (context x context)
+    tables: dict[str, int]  # the rotary table (the attention mask is computed from the positions at each step)
     activation_bytes: int
     baseline_bytes: int
     load_bytes: int  # the load's transient peak: the file's pages and the loaded weights
@@ -232,7 +236,7 @@ class Sizer:
             if not name.endswith(CACHE_BUFFERS):
                 weights[component(name)] = weights.get(component(name), 0) + n
         kv = sum(n for name, n in sizes.items() if name.endswith(("k_cache", "v_cache")))
-        tables = {"rotary": sizes["freqs_cis"], "mask": sizes["causal_mask"]}
+        tables = {"rotary": sizes["freqs_cis"]}
         W = sum(weights.values())
         return Estimate(
             model=self.name, precision=self.precision, weight_format=self.weight_format, device=self.device.type,

@@ -181,18 +181,16 @@ def fit_context(prompt_len: int, max_new_tokens: int, context: int, room: int = 
     return min(max_new_tokens, context - prompt_len - room)
 
 
-def attention_mask(S: int, window: int | None, device) -> Tensor:
-    """(S, S) bool: query position i may see key position j <= i (and j > i - window); the last position, the scratch
-    one, sees itself alone. On the meta device (memory.py sizes models there) only its shape and dtype: computing
-    there would import torch's Python decompositions on first use (2.3 s and 76 MB)."""
-    if torch.device(device).type == "meta":
-        return torch.empty(S, S, dtype=torch.bool, device=device)
-    pos = torch.arange(S, device=device)
-    mask = pos[None, :] <= pos[:, None]
+def attention_mask(input_pos: Tensor, S: int, window: int | None) -> Tensor:
+    """Which of the S cache positions a query at each of input_pos (any shape) may see: (..., S) bool, key j <= i
+    (and j > i - window); the last position, the scratch one, sees itself alone. Computed from the positions, not
+    read from an (S, S) table, which would take S^2 bytes (16 GB at 128k positions)."""
+    keys = torch.arange(S, device=input_pos.device)
+    q = input_pos[..., None]
+    mask = keys <= q
     if window is not None:
-        mask &= pos[None, :] > pos[:, None] - window
-    mask[-1] = pos == S - 1
-    return mask
+        mask = mask & (keys > q - window)
+    return torch.where(q == S - 1, keys == S - 1, mask)
 
 
 class RMSNorm(nn.Module):
@@ -334,7 +332,7 @@ class Transformer(nn.Module):
         return self.norm.weight.dtype
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
-        """Allocate each layer's KV cache beside it, the rotary table and mask beside the embedding.
+        """Allocate each layer's KV cache beside it, the rotary table beside the embedding.
 
         Positions 0..max_seq_length-1 are the text's; one more, max_seq_length, is a scratch position for an idle
         row of a fixed-shape batch (a server with fewer requests than rows): a token there writes its KV there and
@@ -353,7 +351,6 @@ class Transformer(nn.Module):
             a.kv_cache = KVCache(max_batch_size, S, a.n_kv_heads, a.head_dim, dtype, w.device)
         freqs = precompute_freqs_cis(S, c.head_dim, c.rope_base, c.rope_scaling)
         self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
-        self.register_buffer("causal_mask", attention_mask(S, c.sliding_window, device), persistent=False)
 
     def forward(self, idx: Tensor, input_pos: Tensor, key_mask: Tensor | None = None,
                 last_only: bool = False, cache_row: int = 0) -> Tensor:
@@ -368,10 +365,11 @@ class Transformer(nn.Module):
         """
         assert self.max_seq_length > 0, "call setup_caches first"
         per_row = input_pos.dim() == 2
-        mask = self.causal_mask[input_pos].unsqueeze(1) if per_row else self.causal_mask[None, None, input_pos]
-        if key_mask is not None:  # (1 or B, 1, T, S)
+        S = self.max_seq_length + 1  # the text's positions and the scratch one, which is no row's key
+        mask = attention_mask(input_pos, S, self.config.sliding_window)
+        mask = mask.unsqueeze(1) if per_row else mask[None, None]  # (B or 1, 1, T, S)
+        if key_mask is not None:
             assert not per_row, "key_mask goes with positions shared by every row"
-            S = self.causal_mask.size(-1)  # the text's positions and the scratch one, which is no row's key
             own = torch.arange(S, device=input_pos.device) == input_pos[:, None]  # (T, S)
             keys = F.pad(key_mask, (0, S - key_mask.size(-1)))  # (B, S)
             mask = mask & (keys[:, None, None, :] | own)  # (B, 1, T, S)

@@ -238,7 +238,7 @@ def test_modules_pick_the_kernel_and_agree_with_the_pytorch_path():
                 m.weight, m.scales_and_zeros = layers.pack_int4(q4), sz
         fast.prepare()
         assert fast.kernel == "cpp"
-        slow.kernel = "torch"  # Int8Linear's plain path: dequantize + F.linear
+        slow.kernel = "dequantize"  # Int8Linear's plain path: dequantize + F.linear
         if isinstance(slow, layers.Int4Linear):
             ref = F.linear(x, layers.dequantize_int4(q4, sz, 32))
         else:
