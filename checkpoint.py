@@ -9,15 +9,19 @@ every weights file X.pth has its config in X_config.json. The loader reads the c
 never from a file or folder name.
 """
 import json
+import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+import files
+from files import REMAKE, BadFile, check_zip, first_line, read_json, written
 from layers import swap_modules
 from model import ModelArgs, Transformer
 
 WEIGHTS_NAME = "model.pth"
+REQUANTIZE = "make it again with quantize.py from the float checkpoint"
 QUANTIZATION_MODES = ("int8", "int4", "int4-gptq")
 PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # activations
 # written by earlier versions and no longer read; accepted in old files, never written
@@ -115,16 +119,38 @@ class Checkpoint:
                 "(no argument: the default model; or a Hugging Face repo id or a local folder)")
         if not config.is_file():
             raise FileNotFoundError(f"{config} is missing; re-run scripts/prepare.sh to convert the checkpoint again")
-        data = json.loads(config.read_text())
-        return cls(weights, config, ModelArgs.from_dict(data["model_args"]), Format.from_dict(data.get("format", {})))
+        files.verify(config)
+        data = read_json(config, REMAKE)
+        if not isinstance(data.get("model_args"), dict):
+            raise BadFile(config, "not a fastllama model config (no model_args)", REMAKE)
+        try:
+            args = ModelArgs.from_dict(data["model_args"])
+            fmt = Format.from_dict(data.get("format") or {})
+            build_model(args, fmt.quantization)  # sizes that make no model fail here, on the meta device
+        except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
+            raise BadFile(config, f"not a usable model config ({first_line(e)})", REMAKE) from None
+        return cls(weights, config, args, fmt)
 
     def build(self) -> Transformer:
         """A Transformer on the meta device with the modules this checkpoint's format calls for."""
         return build_model(self.args, self.quantization)
 
     def state_dict(self, map_location="cpu") -> dict:
-        """The weights, memory-mapped and loaded without unpickling arbitrary objects."""
-        return torch.load(self.weights, map_location=map_location, mmap=True, weights_only=True)
+        """The weights, memory-mapped and loaded without unpickling arbitrary objects; BadFile when the file is cut
+        short or damaged (files.check_zip) or its tensors are not the config's."""
+        fix = REQUANTIZE if self.quantization is not None and self.format.source != "gguf" else REMAKE
+        check_zip(self.weights, fix)
+        try:
+            sd = torch.load(self.weights, map_location=map_location, mmap=True, weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+            raise BadFile(self.weights, f"cannot be read ({first_line(e)})", fix) from None
+        if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+            raise BadFile(self.weights, "not a state dict of tensors", fix)
+        try:
+            validate_state_dict(tie_state_dict(sd, self.args), self.args, self.quantization)
+        except ValueError as e:
+            raise BadFile(self.weights, f"does not match {self.config_file.name}: {e}", fix) from None
+        return sd
 
 
 def build_model(args: ModelArgs, quantization: Quantization | None = None) -> Transformer:
@@ -156,12 +182,13 @@ def save_checkpoint(out_dir: Path, state_dict: dict, args: ModelArgs, fmt: Forma
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / weights_name
-    tmp = weights.with_suffix(".pth.tmp")
-    torch.save(state_dict, tmp)
-    tmp.replace(weights)  # never leave a half-written model.pth behind
     fmt_dict = {k: v for k, v in asdict(fmt).items() if v is not None}
     config = {"model_args": args.to_dict(), "format": fmt_dict}
-    config_path(weights).write_text(json.dumps(config, indent=2) + "\n")
+    # each file whole or not at all (files.written); the config last, so that a config names finished weights
+    with written(weights) as tmp:
+        torch.save(state_dict, tmp)
+    files.write_text(config_path(weights), json.dumps(config, indent=2) + "\n")
+    files.record(config_path(weights))
     return weights
 
 
@@ -170,7 +197,10 @@ def validate_state_dict(state_dict: dict, args: ModelArgs, quantization: Quantiz
     expected = build_model(args, quantization).state_dict()
     missing, extra = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or extra:
-        raise ValueError(f"weights do not fit the model config: missing {missing[:4]}, unexpected {extra[:4]}")
-    for name, t in expected.items():
-        if state_dict[name].shape != t.shape:
-            raise ValueError(f"{name} has shape {tuple(state_dict[name].shape)}, the config says {tuple(t.shape)}")
+        raise ValueError(f"{len(missing)} tensors missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}")
+    bad = [f"{name} {tuple(state_dict[name].shape)} {state_dict[name].dtype} (config: {tuple(t.shape)} {t.dtype})"
+           for name, t in expected.items() if state_dict[name].shape != t.shape
+           or state_dict[name].dtype.is_floating_point != t.dtype.is_floating_point
+           or (not t.dtype.is_floating_point and state_dict[name].dtype != t.dtype)]
+    if bad:
+        raise ValueError(f"{len(bad)} tensors of another shape or dtype: {'; '.join(bad[:3])}")

@@ -28,7 +28,8 @@ def run_cli(main_fn: Callable, parser: argparse.ArgumentParser, args: list[str] 
     except (ValueError, FileNotFoundError) as e:
         tp.log(f"error: {e}")  # every rank meets the same error; one line is enough
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: files being written are left as they were (files.written)
+        tp.log("interrupted")
         sys.exit(130)
 
 

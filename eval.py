@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import files
 from checkpoint import PRECISIONS, Checkpoint, resolve_precision
 from cli import run_cli
 from generate import (
@@ -226,7 +227,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | 
     seq = max_seq_length or min(model.config.block_size, 1024 if perplexity_file else 2048)
     out = {}
     if perplexity_file is not None:
-        ids = tokenizer.encode(Path(perplexity_file).read_text())
+        ids = tokenizer.encode(files.read_text(perplexity_file, "perplexity text"))
         ppl, n = perplexity(model, ids, seq, stride or seq // 2)
         print(f"perplexity {ppl:.4f} over {n} tokens of {perplexity_file} ({checkpoint_path}, {precision}, "
               f"window {seq}, stride {stride or seq // 2})")

@@ -18,6 +18,7 @@ from torch import Tensor
 
 import cli
 import cuda
+import files
 import kernels
 import layers
 import prefix_cache
@@ -343,7 +344,9 @@ def main(*, prompt: str | list[str] | None = None, interactive: bool = False, nu
         return cli.chat(tokenizer, turn, max_new_tokens=max_new_tokens, context=context)
     fp = prefix_cache.fingerprint(ckpt, model) if prefix_file or load_prefix_cache else None
     saved = prefix_cache.load(load_prefix_cache, fp) if load_prefix_cache is not None else None
-    prefix_text = prefix_file.read_text() if prefix_file is not None else saved["text"] if saved else ""
+    prefix_text = saved["text"] if saved else ""
+    if prefix_file is not None:
+        prefix_text = files.read_text(prefix_file, "prefix text")
     all_ids = [tokenizer.encode(prefix_text + p) for p in prompts]
     room = speculate_k if draft is not None or prompt_lookup is not None else 0
     longest = max(len(ids) for ids in all_ids)

@@ -284,7 +284,10 @@ def resolve_model(model: str) -> tuple[ModelArgs, str | None, str, int | None]:
     if path.suffix == ".gguf" and path.is_file():
         return _gguf_model(path)
     if path.is_dir() and (path / "config.json").is_file() and not (path / "model.pth").is_file():
-        return ModelArgs.from_hf_config(json.loads((path / "config.json").read_text())), None, path.name, None
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))  # the converter's reader (as below)
+        from convert_hf_checkpoint import read_hf_config
+
+        return read_hf_config(path / "config.json"), None, path.name, None
     if path.exists():
         ckpt = Checkpoint.open(path)
         return ckpt.args, checkpoint_format(ckpt), str(path), ckpt.weights.stat().st_size
@@ -308,13 +311,10 @@ def checkpoint_format(ckpt: Checkpoint) -> str:
 def _gguf_model(path: Path) -> tuple[ModelArgs, str, str, int]:
     """A GGUF file's config and the format scripts/convert_gguf.py would import it in (the one lazy import: the
     converter, a client of the loader, lives in scripts/)."""
-    import gguf
-
     sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-    from convert_gguf import model_args_from_gguf, quantized_layout, read_metadata
+    from convert_gguf import quantized_layout, read_gguf
 
-    reader = gguf.GGUFReader(path)
-    args = model_args_from_gguf(read_metadata(reader), {t.name for t in reader.tensors})
+    reader, _, args = read_gguf(path)
     q = quantized_layout(reader)
     fmt = "fp32" if q is None else "q4_1" if q.kind == "int4" else "q8_0"
     return args, fmt, path.name, None

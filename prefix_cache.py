@@ -7,7 +7,6 @@ same tokenizer and the same cache dtype (anything else would give silently wrong
 writes them into a model's cache. `setup` does whichever a run asks for.
 """
 import hashlib
-import pickle
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,6 +14,7 @@ from typing import Callable
 import torch
 
 from checkpoint import Checkpoint
+from files import BadFile, written
 from tokenizer import tokenizer_fingerprint
 
 FORMAT_VERSION = 1
@@ -35,8 +35,9 @@ def fingerprint(ckpt: Checkpoint, model) -> dict:
 def save(path: Path, model, tokens: list[int], text: str, fp: dict) -> None:
     """Write the KV of positions 0..len(tokens)-1 (batch row 0), the tokens and the prefix text."""
     kv = [b.attention.kv_cache.read(0, len(tokens)) for b in model.layers]  # (n_kv_heads, P, head_dim) each
-    torch.save({"version": FORMAT_VERSION, "fingerprint": fp, "tokens": tokens, "text": text,
-                "k": [k for k, _ in kv], "v": [v for _, v in kv]}, path)
+    with written(path) as tmp:
+        torch.save({"version": FORMAT_VERSION, "fingerprint": fp, "tokens": tokens, "text": text,
+                    "k": [k for k, _ in kv], "v": [v for _, v in kv]}, tmp)
 
 
 def load(path: Path, fp: dict) -> dict:
@@ -44,12 +45,16 @@ def load(path: Path, fp: dict) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no prefix cache at {path}; make one with --prefix_file F --save_prefix_cache {path}")
+    remake = f"make it again with --prefix_file F --save_prefix_cache {path}"
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError):
+    except Exception:  # torch.load of a file that is not one: RuntimeError, UnpicklingError, EOFError, KeyError, ...
         data = None
-    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a fastllama prefix cache (version {FORMAT_VERSION}); make it again")
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or not isinstance(data.get("fingerprint"),
+                                                                                          dict):
+        raise BadFile(path, f"not a fastllama prefix cache (version {FORMAT_VERSION})", remake)
+    if not (len(data.get("k", ())) == len(data.get("v", ())) and isinstance(data.get("tokens"), list)):
+        raise BadFile(path, "a damaged prefix cache (its keys, values and tokens do not agree)", remake)
     for key, what in (("checkpoint", "checkpoint"), ("tokenizer", "tokenizer"), ("dtype", "precision")):
         if data["fingerprint"][key] != fp[key]:
             raise ValueError(f"{path} was made with a different {what} ({data['fingerprint'][key][:16]} vs "

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import files
 from checkpoint import QUANTIZATION_MODES as MODES
 from checkpoint import Checkpoint, Quantization, build_model, save_checkpoint
 from cli import run_cli
@@ -218,7 +219,7 @@ def main(*, checkpoint_path: Path, mode: str, groupsize: int = 32, calibration_f
             texts = task_texts(calibration_tasks.split(","), calibration_tasks_path, calibration_limit)
             batches = [torch.tensor([tok.encode(t)[:seq]]) for t in texts]
         else:
-            ids = tok.encode(Path(calibration_file).read_text())
+            ids = tok.encode(files.read_text(calibration_file, "calibration text"))
             batches = [torch.tensor([ids[i:i + seq]]) for i in range(0, len(ids) - 1, seq)][:calibration_limit]
         print(f"calibrating on {sum(b.numel() for b in batches)} tokens in {len(batches)} sequences", file=sys.stderr)
         H = collect_hessians(load_model(ckpt, "cpu", "fp32"), names, batches)

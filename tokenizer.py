@@ -12,6 +12,10 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+from files import REMAKE, BadFile, first_line, read_json, verify
+
+# the files of a checkpoint folder that say how text becomes tokens and back (and how a chat is spelled)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 # tokens that end an assistant turn in the chat formats we know
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
 
@@ -110,7 +114,7 @@ class Detokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, REMAKE) if path.is_file() else {}
 
 
 def _token_content(tok) -> str | None:
@@ -241,10 +245,32 @@ def tokenizer_fingerprint(folder) -> str:
 
 
 def get_tokenizer(folder) -> Tokenizer:
-    """The tokenizer stored in a checkpoint folder (Checkpoint.folder)."""
+    """The tokenizer stored in a checkpoint folder (Checkpoint.folder); BadFile naming a tokenizer file the library
+    cannot read, or a chat template that does not parse."""
     file = tokenizer_file(folder)
     if file.name == "tokenizer.json":
-        return HFTokenizer(file.parent)
-    if re.match(rb"[A-Za-z0-9+/=]+ \d+\n", file.read_bytes()[:256]):
-        return TiktokenTokenizer(file.parent)
-    return SentencePieceTokenizer(file.parent)
+        kind, what = HFTokenizer, "tokenizers tokenizer.json"
+    elif re.match(rb"[A-Za-z0-9+/=]+ \d+\n", file.read_bytes()[:256]):
+        kind, what = TiktokenTokenizer, "tiktoken file (a base64 token and its rank per line)"
+    else:
+        kind, what = SentencePieceTokenizer, "sentencepiece model"
+    for name in TOKENIZER_FILES:
+        if (file.parent / name).is_file():
+            verify(file.parent / name)
+    try:
+        tok = kind(file.parent)
+    except BadFile:
+        raise
+    except Exception as e:  # each library's own errors (tokenizers: Exception; sentencepiece: RuntimeError, ...)
+        raise BadFile(file, f"cannot be read as a {what} ({first_line(e)})", REMAKE) from None
+    if tok.chat_template is not None:
+        import jinja2
+
+        try:
+            jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(tok.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            source = file.parent / "chat_template.jinja"
+            source = source if source.is_file() else file.parent / "tokenizer_config.json"
+            raise BadFile(source, f"its chat template does not parse ({first_line(e)}, line {e.lineno})",
+                          "fix the template or convert the model again with scripts/prepare.sh") from None
+    return tok

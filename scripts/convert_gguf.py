@@ -24,9 +24,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convert_hf_checkpoint import layer_names  # noqa: E402
 
+import files  # noqa: E402
 from checkpoint import Checkpoint, Format, Quantization, save_checkpoint  # noqa: E402
+from files import BadFile, first_line  # noqa: E402
 from layers import pack_int4  # noqa: E402
 from model import ModelArgs  # noqa: E402
+
+
+class Unsupported(ValueError):
+    """A readable GGUF file of a kind fastllama does not run."""
+
 
 TENSOR_MAP = {
     "token_embd.weight": "tok_embeddings.weight",
@@ -57,12 +64,12 @@ def read_metadata(reader) -> dict:
 
 
 def model_args_from_gguf(meta: dict, tensor_names: set) -> ModelArgs:
-    """ModelArgs from llama.* metadata; ValueError for what we cannot represent."""
+    """ModelArgs from llama.* metadata; Unsupported for what we cannot represent."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama")
+        raise Unsupported(f"unsupported GGUF architecture {arch!r}; supported: llama")
     if "rope_freqs.weight" in tensor_names or meta.get("llama.rope.scaling.type", "none") != "none":
-        raise ValueError("GGUF rope scaling (Llama 3.1 rope_freqs, linear, yarn) is not supported; "
+        raise Unsupported("GGUF rope scaling (Llama 3.1 rope_freqs, linear, yarn) is not supported; "
                          "convert the Hugging Face repo with scripts/prepare.sh instead")
     n_head = meta["llama.attention.head_count"]
     dim = meta["llama.embedding_length"]
@@ -199,7 +206,7 @@ def build_tokenizer_json(meta: dict) -> str:
 
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)")
+        raise Unsupported(f"GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)")
     tokens = meta["tokenizer.ggml.tokens"]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
@@ -216,7 +223,7 @@ def build_tokenizer_json(meta: dict) -> str:
     elif pre in ("default", "gpt2", "gpt-2"):
         tok.pre_tokenizer = byte_level
     else:
-        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: gpt2, llama-bpe, "
+        raise Unsupported(f"GGUF pre-tokenizer {pre!r} is not supported; supported: gpt2, llama-bpe, "
                          f"{', '.join(DIGITS_THEN_GPT2)}")
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or []
@@ -241,29 +248,48 @@ def build_tokenizer_config(meta: dict) -> dict:
     }
 
 
+FETCH_AGAIN = "download or copy it again (a GGUF file from llama.cpp's convert_hf_to_gguf.py)"
 GGUF_WEIGHTS = "model_gguf.pth"  # the file's own int4 / int8 weights, when its block types allow
+
+
+def read_gguf(gguf_file: Path):
+    """(reader, metadata, ModelArgs) of a GGUF file; BadFile when it is damaged or of a model we cannot run."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf_file)
+        meta = read_metadata(reader)
+        return reader, meta, model_args_from_gguf(meta, {t.name for t in reader.tensors})
+    except Unsupported as e:  # a GGUF file, of what we cannot represent (architecture, rope scaling, tokenizer)
+        raise BadFile(gguf_file, str(e), "use a llama-architecture GGUF (or the model's Hugging Face repo)") from None
+    except Exception as e:  # the gguf reader's own errors on a damaged or cut-short file (KeyError, IndexError, ...)
+        raise BadFile(gguf_file, f"not a readable GGUF file ({first_line(e)})", FETCH_AGAIN) from None
 
 
 def convert_gguf(gguf_file: Path, checkpoint_dir: Path) -> Path:
     """Write model.pth (float32), model_gguf.pth (the file's quantized blocks, when it can) and tokenizer files."""
-    from gguf import GGUFReader
 
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file} not found")
-    reader = GGUFReader(gguf_file)
-    meta = read_metadata(reader)
-    args = model_args_from_gguf(meta, {t.name for t in reader.tensors})
-    sd = convert_tensors(reader, args)
+    reader, meta, args = read_gguf(gguf_file)
+    try:  # everything is read before anything is written: a bad file leaves the folder as it was
+        sd = convert_tensors(reader, args)
+        quantization = quantized_layout(reader)
+        qsd = convert_quantized_tensors(reader, args, quantization) if quantization is not None else None
+        tokenizer = build_tokenizer_json(meta), json.dumps(build_tokenizer_config(meta), indent=2) + "\n"
+    except Unsupported as e:  # a GGUF file, of what we cannot represent (architecture, rope scaling, tokenizer)
+        raise BadFile(gguf_file, str(e), "use a llama-architecture GGUF (or the model's Hugging Face repo)") from None
+    except Exception as e:  # the gguf reader's own errors on a damaged or cut-short file (KeyError, IndexError, ...)
+        raise BadFile(gguf_file, f"not a readable GGUF file ({first_line(e)})", FETCH_AGAIN) from None
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    (checkpoint_dir / "tokenizer.json").write_text(build_tokenizer_json(meta))
-    (checkpoint_dir / "tokenizer_config.json").write_text(json.dumps(build_tokenizer_config(meta), indent=2) + "\n")
+    files.write_text(checkpoint_dir / "tokenizer.json", tokenizer[0])
+    files.write_text(checkpoint_dir / "tokenizer_config.json", tokenizer[1])
+    files.record(checkpoint_dir / "tokenizer.json", checkpoint_dir / "tokenizer_config.json")
     fmt = Format("float32", "gguf", re.sub(r"\s+", " ", str(meta.get("general.name", ""))) or None)
     weights = save_checkpoint(checkpoint_dir, sd, args, fmt)
-    quantization = quantized_layout(reader)
-    if quantization is not None:  # the file's own quantized weights too, as model_gguf.pth
-        qsd = convert_quantized_tensors(reader, args, quantization)
+    if qsd is not None:  # the file's own quantized weights too, as model_gguf.pth
         save_checkpoint(checkpoint_dir, qsd, args, replace(fmt, quantization=quantization), weights_name=GGUF_WEIGHTS)
     return weights
 
@@ -306,7 +332,7 @@ def export_gguf(checkpoint_path: Path, out: Path, dtype: str = "F32") -> Path:
         raise ValueError("GGUF export covers plain llama models only (no rope scaling, qkv bias or sliding window)")
     tok = gguf_tokenizer_metadata(ckpt.folder)
     sd = ckpt.state_dict()
-    w = gguf.GGUFWriter(str(out), "llama")
+    w = gguf.GGUFWriter(None, "llama")
     w.add_name(ckpt.format.name or ckpt.folder.name)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32" else gguf.LlamaFileType.MOSTLY_BF16)
     w.add_block_count(args.n_layer)
@@ -344,10 +370,11 @@ def export_gguf(checkpoint_path: Path, out: Path, dtype: str = "F32") -> Path:
                          raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
             w.add_tensor(name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    with files.written(out) as tmp:  # whole or not at all
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
     return out
 
 
@@ -358,9 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def main(*, gguf: Path, checkpoint_dir: Path) -> Path:
+    return convert_gguf(gguf, checkpoint_dir)
+
+
 if __name__ == "__main__":
-    a = build_parser().parse_args()
-    try:
-        print(f"wrote {convert_gguf(a.gguf, a.checkpoint_dir)}")
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    from cli import run_cli
+
+    print(f"wrote {run_cli(main, build_parser())}")

@@ -8,7 +8,6 @@ dtype, and writes model.pth + model_config.json into the same folder (see checkp
 Usage: python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 """
 import argparse
-import json
 import shutil
 import sys
 from dataclasses import replace
@@ -18,8 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import Format, save_checkpoint  # noqa: E402
+from files import BadFile, first_line, read_json, record  # noqa: E402
 from model import ModelArgs  # noqa: E402
+from tokenizer import TOKENIZER_FILES  # noqa: E402
 
+DOWNLOAD_AGAIN = "download it again (scripts/prepare.sh REPO_ID) or copy it again"
 WEIGHT_MAP = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
@@ -57,17 +59,23 @@ def read_hf_weights(checkpoint_dir: Path) -> dict:
 
         index = checkpoint_dir / "model.safetensors.index.json"
         if index.is_file():  # only the shards the index names (a folder may also hold consolidated copies)
-            files = sorted({checkpoint_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+            files = sorted({checkpoint_dir / f for f in read_json(index, DOWNLOAD_AGAIN)["weight_map"].values()})
         out = {}
         for f in files:
-            out.update(load_file(f))
+            try:
+                out.update(load_file(f))
+            except Exception as e:  # safetensors' own error on a cut-short or damaged file (SafetensorError)
+                raise BadFile(f, f"cannot be read as safetensors ({first_line(e)})", DOWNLOAD_AGAIN) from None
         return out
     files = sorted(checkpoint_dir.glob("pytorch_model*.bin"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin in {checkpoint_dir}")
     out = {}
     for f in files:
-        out.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        try:
+            out.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # torch.load of a damaged file: RuntimeError, UnpicklingError, EOFError, ...
+            raise BadFile(f, f"cannot be read as a torch file ({first_line(e)})", DOWNLOAD_AGAIN) from None
     return out
 
 
@@ -139,14 +147,24 @@ def to_hf_config(args: ModelArgs) -> dict:
     return cfg
 
 
+def read_hf_config(config_file: Path) -> ModelArgs:
+    """ModelArgs of a Hugging Face config.json; BadFile when it is damaged or of a model we cannot run."""
+    try:
+        return ModelArgs.from_hf_config(read_json(config_file, DOWNLOAD_AGAIN))
+    except BadFile:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        problem = str(e) if isinstance(e, ValueError) else f"not a usable model config ({type(e).__name__}: {e})"
+        raise BadFile(config_file, problem, "convert a llama, mistral or qwen2 model") from None
+
+
 def convert_hf_checkpoint(checkpoint_dir: Path) -> Path:
     """Convert the Hugging Face folder checkpoint_dir in place; return the written model.pth."""
     checkpoint_dir = Path(checkpoint_dir)
     config_file = checkpoint_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: is {checkpoint_dir} a Hugging Face model folder?")
-    cfg = json.loads(config_file.read_text())
-    args = ModelArgs.from_hf_config(cfg)
+    args = read_hf_config(config_file)
     hf = read_hf_weights(checkpoint_dir)
     if "lm_head.weight" not in hf and not args.tie_embeddings:  # no output layer of its own: it reads the embedding
         args = replace(args, tie_embeddings=True)
@@ -156,7 +174,9 @@ def convert_hf_checkpoint(checkpoint_dir: Path) -> Path:
     if original_tok.is_file() and not (checkpoint_dir / "tokenizer.model").exists():
         shutil.copy(original_tok, checkpoint_dir / "tokenizer.model")
     fmt = Format(str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "mixed", "huggingface")
-    return save_checkpoint(checkpoint_dir, sd, args, fmt)
+    weights = save_checkpoint(checkpoint_dir, sd, args, fmt)
+    record(*(checkpoint_dir / n for n in TOKENIZER_FILES if (checkpoint_dir / n).is_file()))  # as they are now
+    return weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def main(*, checkpoint_dir: Path) -> Path:
+    return convert_hf_checkpoint(checkpoint_dir)
+
+
 if __name__ == "__main__":
-    a = build_parser().parse_args()
-    try:
-        print(f"wrote {convert_hf_checkpoint(a.checkpoint_dir)}")
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    from cli import run_cli
+
+    print(f"wrote {run_cli(main, build_parser())}")

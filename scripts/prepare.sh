@@ -20,6 +20,11 @@ if [ -z "$SRC" ]; then
   if [ -f "$OUT/model.pth" ] && [ -f "$OUT/model_config.json" ]; then echo "ready: $OUT"; exit 0; fi
   GGUF="$("$PYTHON" "$ROOT/scripts/default_model.py")"
   "$PYTHON" "$ROOT/scripts/convert_gguf.py" --gguf "$GGUF" --checkpoint_dir "$OUT"
+elif [ ! -e "$SRC" ] && { [[ "$SRC" == /* || "$SRC" == .* || "$SRC" == ~* || "$SRC" == */*/* ]] ||
+    [[ "$SRC" == *.gguf || "$SRC" == *.safetensors || "$SRC" == *.pth || "$SRC" == *.bin ]]; }; then
+  # a path, not a hub repo id (exactly org/name): say it is missing rather than ask the hub for it
+  echo "error: $SRC does not exist; give an existing folder or .gguf file, or a hub repo id like org/name" >&2
+  exit 2
 elif [ -f "$SRC" ] && [[ "$SRC" == *.gguf ]]; then
   OUT="$CKPT/$(basename "$SRC" .gguf)"
   "$PYTHON" "$ROOT/scripts/convert_gguf.py" --gguf "$SRC" --checkpoint_dir "$OUT"
