@@ -18,6 +18,7 @@ from torch import Tensor
 import files
 from checkpoint import PRECISIONS, Checkpoint, resolve_precision
 from cli import run_cli
+from files import BadFile, first_line
 from generate import (
     DEFAULT_CHECKPOINT,
     compile_step,
@@ -173,10 +174,31 @@ def task_manager(tasks: list[str], include_path: Path | None):
             return manager
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown and include_path is not None and (bad := unreadable_yamls(include_path)):
+        raise BadFile(bad[0][0], f"does not parse as an lm-eval task YAML ({bad[0][1]}), so task(s) "
+                      f"{', '.join(unknown)} may be missing", "fix the file")
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; check the name, or give the folder of local "
                          "task YAML files")
     return manager
+
+
+def unreadable_yamls(folder: Path) -> list[tuple[Path, str]]:
+    """(file, problem) of each YAML file under folder that does not parse (lm-eval skips them with a warning).
+    lm-eval's own tags (!function) are accepted as they are."""
+    import yaml
+
+    class Lenient(yaml.SafeLoader):
+        pass
+
+    Lenient.add_multi_constructor("!", lambda loader, suffix, node: None)
+    bad = []
+    for f in sorted(Path(folder).rglob("*.yaml")):
+        try:
+            yaml.load(f.read_text(), Lenient)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            bad.append((f, first_line(e)))
+    return bad
 
 
 def task_texts(tasks: list[str], include_path: Path | None, limit: int) -> list[str]:

@@ -98,6 +98,10 @@ CASES = {
         lambda d: (d / "text.txt").write_bytes(b"\xff\xfe\x00binary"), ev,
         lambda d: ["--checkpoint_path", d, "--perplexity", d / "text.txt", "--device", "cpu"], "text.txt",
         "not UTF-8 text"),
+    "an lm-eval task folder with a YAML that does not parse": (
+        lambda d: ((d / "tasks").mkdir(), (d / "tasks" / "broken.yaml").write_text("task: broken\n  x: [\n")), ev,
+        lambda d: ["--checkpoint_path", d, "--tasks", "broken", "--include_path", d / "tasks", "--device", "cpu"],
+        "broken.yaml", "does not parse as an lm-eval task YAML"),
     "a file that is not a GGUF": (
         lambda d: (d / "x.gguf").write_text("hello"), convert_gguf,
         lambda d: ["--gguf", d / "x.gguf", "--checkpoint_dir", d / "out"], "x.gguf", "not a readable GGUF file"),
@@ -184,18 +188,34 @@ def limited(size: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
-def start(script, *args, preexec=None):
-    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=preexec,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+def start(script, *args, preexec=None, env=None):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=preexec,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
 
 
 def interrupt_while_writing(proc, folder: Path, timeout: float = 300) -> None:
-    """SIGINT once a temporary file appears in folder (the write has begun)."""
+    """SIGINT once a temporary file appears in folder (the write has begun); polled without pause, as a write to the
+    page cache may take only tens of milliseconds."""
     deadline = time.monotonic() + timeout
-    while not list(folder.glob(".*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(n.startswith(".") and n.endswith(".tmp") for n in os.listdir(folder)):
+            proc.send_signal(signal.SIGINT)
+            return
+
+
+@pytest.mark.parametrize("mode", ["generate", "chat"])
+def test_ctrl_c_while_generating_or_chatting_is_one_line(mode, tiny_llama):
+    """SIGINT once the text streams (generation) or at chat's prompt: `interrupted`, exit status 130, no traceback."""
+    extra = ["--interactive"] if mode == "chat" else ["--num_samples", "1000", "--max_new_tokens", "64"]
+    proc = start("generate.py", "--checkpoint_path", tiny_llama[1], "--device", "cpu", "--precision", "fp32", *extra)
+    seen, wanted = b"", b"you> " if mode == "chat" else b"Hello, my name is"
+    deadline = time.monotonic() + 300
+    while wanted not in seen and proc.poll() is None and time.monotonic() < deadline:
+        seen += os.read(proc.stdout.fileno(), 1)
     proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
 
 
 @pytest.mark.real_model
@@ -214,10 +234,17 @@ def test_quantize_and_convert_leave_no_partial_file(how, smollm2_gguf, smollm2_d
     (tmp_path / "new").mkdir()
     for script, args, out_dir, out in jobs:
         before = out.read_bytes() if out.exists() else None
-        proc = start(script, *args, preexec=limited(8 << 20) if how == "size limit" else None)
-        if how == "ctrl-c":
-            interrupt_while_writing(proc, out_dir)
-        _, err = proc.communicate(timeout=600)
+        for _ in range(3):  # a run whose write ended before the poll saw it is run again (it interrupted nothing)
+            proc = start(script, *args, preexec=limited(8 << 20) if how == "size limit" else None,
+                         env={"OMP_NUM_THREADS": "1"})  # a core left for the poll
+            if how == "ctrl-c":
+                interrupt_while_writing(proc, out_dir)
+            _, err = proc.communicate(timeout=600)
+            if proc.returncode != 0:
+                break
+            out.unlink()
+            if before is not None:
+                out.write_bytes(before)
         if how == "ctrl-c":
             assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
         else:
