@@ -189,8 +189,14 @@ def limited(size: int):
 
 
 def start(script, *args, preexec=None, env=None):
+    """script as a process with SIGINT's default action, as at a terminal (a shell starts background jobs with it
+    ignored, which their children would inherit, and Python then never raises KeyboardInterrupt)."""
+    def setup():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec is not None:
+            preexec()
     return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=preexec,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=setup,
                             env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
 
 
