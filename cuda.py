@@ -12,7 +12,8 @@ tests/test_cuda_contracts.py; tests/test_cuda.py (scripts/gpu_check.sh) checks t
   its weights come in tiles of 8 output rows and inner_k_tiles x 16 inputs, inner_k_tiles 2, 4 or 8
   (`int4_inner_k_tiles`); a layer no tile count fits is dequantized and multiplied instead.
 - torch 2.13's CUDA int8 kernel (_weight_int8pack_mm) runs one thread per output: int8 layers use gpt-fast's
-  F.linear(x, w.to(x.dtype)) * scales, which inductor fuses into one kernel.
+  F.linear(x, w.to(x.dtype)) * scales, which inductor fuses into one kernel; GGUF Q8_0's per-group scales apply to
+  each group's product (kernels.int8_cast_linear), so no float weight is rebuilt per decode step.
 - Kernels run asynchronously: a time stamp is taken after `synchronize`; the decode loop reads nothing back from
   the GPU except every `STOP_CHECK_EVERY` tokens (whether every row has stopped).
 """

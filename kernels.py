@@ -80,6 +80,21 @@ def float_linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, w.to(x.dtype), bias)
 
 
+def int8_cast_linear(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
+    """x (M, K) @ (w * scales).T in x's dtype with the weight kept int8 (a GPU's int8 form, cuda.py): per channel
+    (scales (N,)), gpt-fast's F.linear(x, w.to(x.dtype)) * scales; per group (GGUF Q8_0, scales (N, G)), decode rows
+    multiply each group in x's dtype and sum the scaled (G, M, N) products in float32, while prefill rows dequantize
+    the weight for the call (the products would be G times the output, the weight is read once per row anyway)."""
+    N, K = w.shape
+    if scales.dim() == 1:
+        return F.linear(x, w.to(x.dtype)) * scales.to(x.dtype)
+    if not gemv(x):
+        return float_linear(x, dequantize_int8(w, scales))
+    G = scales.size(1)
+    parts = torch.bmm(x.reshape(-1, G, K // G).transpose(0, 1), w.view(N, G, K // G).permute(1, 2, 0).to(x.dtype))
+    return (parts.float() * scales.float().T[:, None, :]).sum(0).to(x.dtype)
+
+
 def gemv(x: Tensor) -> bool:
     """Whether x (..., K) has few enough rows to be a decode step's GEMV rather than a prefill's GEMM."""
     return x.numel() <= GEMV_MAX_ROWS * x.size(-1)
@@ -90,13 +105,13 @@ def quantized_kernel(device: torch.device, kind: str, in_features: int, out_feat
     """Which kernel a quantized layer (kind "int8" or "int4") uses, and so the layout layers.py packs it in:
       "cpp"        kernels.cpp: a CPU, K % 64 == 0, N % 8 == 0, the kernels built;
       "cuda"       torch's CUDA int4 kernel, where cuda.int4_inner_k_tiles fits the layer (the inner k-tiles below);
-      "cast"       int8 with one scale per channel on a GPU: F.linear(x, w.to(x.dtype)) * scales (gpt-fast's form);
+      "cast"       int8 on a GPU: gpt-fast's F.linear(x, w.to(x.dtype)) * scales (per group: int8_cast_linear);
       "torch"      torch's CPU int4 kernel;
       "dequantize" everything else: the float weight rebuilt, then F.linear."""
     if device.type == "cpu" and in_features % 64 == 0 and out_features % 8 == 0 and cpu_kernels():
         return "cpp"
     if device.type == "cuda" and kind == "int8":
-        return "cast" if groupsize is None else "dequantize"
+        return "cast"
     if device.type == "cuda":
         return "cuda" if int4_tiles(device, in_features, out_features, groupsize) else "dequantize"
     return "torch" if device.type == "cpu" and kind == "int4" else "dequantize"

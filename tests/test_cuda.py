@@ -89,6 +89,25 @@ def test_int4_linear_on_cuda_matches_the_reference(K, dtype, gpu):
     torch.testing.assert_close(got.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [1, 16, 40])
+@pytest.mark.parametrize("groupsize", [None, 32])
+def test_int8_linear_on_cuda_matches_the_reference(groupsize, rows, gpu):
+    """int8 per channel and per group (GGUF Q8_0) in the cast form, decode and prefill rows, bf16."""
+    N, K = 256, 576
+    torch.manual_seed(0)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    scales = torch.rand(N) * 0.01 + 0.001 if groupsize is None else torch.rand(N, K // groupsize) * 0.01 + 0.001
+    lin = layers.Int8Linear(K, N, groupsize=groupsize)
+    lin.weight, lin.scales = w, scales
+    lin = lin.to(gpu)
+    lin.prepare()
+    x = torch.randn(rows, K, device=gpu)
+    ref = x @ layers.dequantize_int8(w, scales).to(gpu).T
+    got = lin(x.bfloat16())
+    assert got.dtype == torch.bfloat16 and lin.kernel == "cast"
+    torch.testing.assert_close(got.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("which", ["int4", "gguf"])
 def test_checkpoints_give_the_cpus_greedy_tokens(which, tiny_quantized, smollm2_dir, gpu):
     """A checkpoint quantized on the CPU and one imported from GGUF: the CPU's greedy tokens on the GPU."""

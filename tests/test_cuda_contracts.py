@@ -126,11 +126,11 @@ def test_int4_inner_k_tiles(K, N, groupsize, capability, tiles):
 
 
 def test_kernel_choice_on_a_gpu(monkeypatch):
-    """int8 per channel takes gpt-fast's cast form, per-group int8 and int4 that no tile fits are dequantized, and
-    int4 takes torch's kernel where a tile fits."""
+    """int8 takes gpt-fast's cast form (per channel or per group), int4 that no tile fits is dequantized, and int4
+    takes torch's kernel where a tile fits."""
     monkeypatch.setattr(cuda, "capability", lambda device: (8, 0))
     assert kernels.quantized_kernel(CUDA, "int8", 576, 576) == "cast"
-    assert kernels.quantized_kernel(CUDA, "int8", 576, 576, 32) == "dequantize"
+    assert kernels.quantized_kernel(CUDA, "int8", 576, 576, 32) == "cast"
     assert kernels.quantized_kernel(CUDA, "int4", 576, 1536, 32) == "cuda"
     assert kernels.quantized_kernel(CUDA, "int4", 576, 100, 32) == "dequantize"
     monkeypatch.setattr(cuda, "capability", lambda device: (7, 0))
@@ -159,6 +159,28 @@ def test_gpu_fallback_forms_compute_the_layer(tiny_quantized, monkeypatch, kind)
     assert slow.kernel != fast.kernel
     x = torch.randn(3, fast.in_features)
     torch.testing.assert_close(slow(x), fast(x), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+def test_per_group_int8_cast_form(monkeypatch, dtype, rows):
+    """GGUF Q8_0 (scales per group of 32) in a GPU's cast form: decode rows (up to GEMV_MAX_ROWS) never rebuild the
+    float weight, prefill rows do once per call; both give x @ (w * scales).T within x's dtype's rounding."""
+    torch.manual_seed(rows)
+    N, K = 48, 96
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    scales = torch.rand(N, K // 32) * 0.01 + 0.001
+    x = torch.randn(rows, K).to(dtype)
+    ref = x.float() @ kernels.dequantize_int8(w, scales).T
+    rebuilt = []
+    dequantize = kernels.dequantize_int8
+    monkeypatch.setattr(kernels, "dequantize_int8", lambda *a: rebuilt.append(1) or dequantize(*a))
+    lin = layers.Int8Linear(K, N, groupsize=32)
+    lin.weight, lin.scales, lin.kernel = w, scales, "cast"
+    got = lin(x)
+    assert got.dtype == dtype and bool(rebuilt) == (rows > kernels.GEMV_MAX_ROWS)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
 def test_loading_moves_only_a_shard_to_the_device(tiny_llama, monkeypatch):
