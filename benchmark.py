@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 import cuda
+import files
 import quantize
 import serve_bench
 from checkpoint import PRECISIONS, Checkpoint, resolve_precision
@@ -506,7 +507,7 @@ def main_serve(checkpoint: Path, clients: list[int], rate: float | None, request
             s.stop()
     serve_bench.print_table(rows_out, max_new_tokens, requests)
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(rows_out, indent=2) + "\n")
+        save_json(json_path, rows_out)
     return rows_out
 
 
@@ -544,7 +545,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
         cases = memory_table(Path(checkpoint_path), names, [1, *batch_sizes], [2048, 8192])
         print_memory_table(cases)
         if json_path is not None:
-            Path(json_path).write_text(json.dumps(cases, indent=2) + "\n")
+            save_json(json_path, cases)
         return cases
     others = [s.strip() for s in (compare or "").split(",") if s.strip()]
     if any(s not in SYSTEMS for s in others):
@@ -576,8 +577,13 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
             rows.append(row)
     print_table(rows, prompt_tokens, max_new_tokens, batch_sizes, stream)
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
+        save_json(json_path, rows)
     return rows
+
+
+def save_json(path: Path, rows: list) -> None:
+    """--json's file, written whole or not at all (files.written): an interrupted run leaves the earlier one."""
+    files.write_text(Path(path), json.dumps(rows, indent=2) + "\n")
 
 
 def print_table(rows, prompt_tokens, max_new_tokens, batch_sizes, stream) -> None:

@@ -131,10 +131,11 @@ def test_a_bad_file_is_one_line_naming_it(case, tiny_llama, tmp_path, capsys):
 
 
 def linked_copy(src: Path, folder: Path) -> Path:
-    """A checkpoint folder's small files copied, its weights linked (read only: unlink one before writing it)."""
+    """A checkpoint folder's small files copied, its weights linked (read only: unlink one before writing it); not the
+    hidden temporary files of a write another test process has under way in the shared folder."""
     folder.mkdir()
     for f in src.iterdir():
-        if f.is_file():
+        if f.is_file() and not f.name.startswith("."):
             (folder / f.name).symlink_to(f) if f.suffix == ".pth" else shutil.copy(f, folder / f.name)
     return folder
 

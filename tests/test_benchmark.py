@@ -110,7 +110,7 @@ def test_serve_measures_every_load_shape(smollm2_dir, tmp_path, capsys):
     """Our server on the default model's int4 weights, under a closed loop of 1 and 2 clients and Poisson arrivals:
     every request answered with exactly max_tokens tokens (ignore_eos), every column filled, JSON as printed."""
     folder = tmp_path / "ckpt"
-    shutil.copytree(smollm2_dir, folder, ignore=shutil.ignore_patterns("model_int*", "model_gguf*"))
+    shutil.copytree(smollm2_dir, folder, ignore=shutil.ignore_patterns("model_int*", "model_gguf*", ".*"))
     rows = benchmark.main(checkpoint_path=folder, serve=True, eager=True, clients="1,2", rate=4.0, requests=4,
                           max_new_tokens=5, rows=2, context=512, llama_server="", json_path=tmp_path / "s.json")
     assert (folder / "model_int4-g32.pth").is_file()  # a folder without the GGUF's blocks serves quantize.py's int4
