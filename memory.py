@@ -14,6 +14,7 @@ a decode step reads every weight once, except the embedding table, of which a to
 output layer reads that same table (tied embeddings).
 """
 import argparse
+import importlib
 import json
 import re
 import resource
@@ -284,10 +285,7 @@ def resolve_model(model: str) -> tuple[ModelArgs, str | None, str, int | None]:
     if path.suffix == ".gguf" and path.is_file():
         return _gguf_model(path)
     if path.is_dir() and (path / "config.json").is_file() and not (path / "model.pth").is_file():
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))  # the converter's reader (as below)
-        from convert_hf_checkpoint import read_hf_config
-
-        return read_hf_config(path / "config.json"), None, path.name, None
+        return _converter("convert_hf_checkpoint").read_hf_config(path / "config.json"), None, path.name, None
     if path.exists():
         ckpt = Checkpoint.open(path)
         return ckpt.args, checkpoint_format(ckpt), str(path), ckpt.weights.stat().st_size
@@ -308,14 +306,20 @@ def checkpoint_format(ckpt: Checkpoint) -> str:
     return "q4_1" if q.int8_groupsize else "int4"
 
 
-def _gguf_model(path: Path) -> tuple[ModelArgs, str, str, int]:
-    """A GGUF file's config and the format scripts/convert_gguf.py would import it in (the one lazy import: the
-    converter, a client of the loader, lives in scripts/)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-    from convert_gguf import quantized_layout, read_gguf
+def _converter(name: str):
+    """A converter module of scripts/ (convert_gguf, convert_hf_checkpoint), imported when first needed: the
+    converters are clients of the loader and live outside the importable modules."""
+    scripts = str(Path(__file__).resolve().parent / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module(name)
 
-    reader, _, args = read_gguf(path)
-    q = quantized_layout(reader)
+
+def _gguf_model(path: Path) -> tuple[ModelArgs, str, str, int]:
+    """A GGUF file's config and the format scripts/convert_gguf.py would import it in."""
+    convert_gguf = _converter("convert_gguf")
+    reader, _, args = convert_gguf.read_gguf(path)
+    q = convert_gguf.quantized_layout(reader)
     fmt = "fp32" if q is None else "q4_1" if q.kind == "int4" else "q8_0"
     return args, fmt, path.name, None
 

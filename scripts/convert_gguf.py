@@ -12,6 +12,7 @@ Format reference: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 Usage: python scripts/convert_gguf.py --gguf model.Q4_1.gguf --checkpoint_dir checkpoints/NAME
 """
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -252,18 +253,26 @@ FETCH_AGAIN = "download or copy it again (a GGUF file from llama.cpp's convert_h
 GGUF_WEIGHTS = "model_gguf.pth"  # the file's own int4 / int8 weights, when its block types allow
 
 
+@contextlib.contextmanager
+def reading(gguf_file: Path):
+    """Errors met while reading gguf_file, as BadFile naming it: what we cannot represent (Unsupported), or the gguf
+    reader's own errors on a damaged or cut-short file (KeyError, IndexError, ...)."""
+    try:
+        yield
+    except Unsupported as e:
+        raise BadFile(gguf_file, str(e), "use a llama-architecture GGUF (or the model's Hugging Face repo)") from None
+    except Exception as e:
+        raise BadFile(gguf_file, f"not a readable GGUF file ({first_line(e)})", FETCH_AGAIN) from None
+
+
 def read_gguf(gguf_file: Path):
     """(reader, metadata, ModelArgs) of a GGUF file; BadFile when it is damaged or of a model we cannot run."""
     from gguf import GGUFReader
 
-    try:
+    with reading(gguf_file):
         reader = GGUFReader(gguf_file)
         meta = read_metadata(reader)
         return reader, meta, model_args_from_gguf(meta, {t.name for t in reader.tensors})
-    except Unsupported as e:  # a GGUF file, of what we cannot represent (architecture, rope scaling, tokenizer)
-        raise BadFile(gguf_file, str(e), "use a llama-architecture GGUF (or the model's Hugging Face repo)") from None
-    except Exception as e:  # the gguf reader's own errors on a damaged or cut-short file (KeyError, IndexError, ...)
-        raise BadFile(gguf_file, f"not a readable GGUF file ({first_line(e)})", FETCH_AGAIN) from None
 
 
 def convert_gguf(gguf_file: Path, checkpoint_dir: Path) -> Path:
@@ -273,15 +282,11 @@ def convert_gguf(gguf_file: Path, checkpoint_dir: Path) -> Path:
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file} not found")
     reader, meta, args = read_gguf(gguf_file)
-    try:  # everything is read before anything is written: a bad file leaves the folder as it was
+    with reading(gguf_file):  # everything is read before anything is written: a bad file leaves the folder as it was
         sd = convert_tensors(reader, args)
         quantization = quantized_layout(reader)
         qsd = convert_quantized_tensors(reader, args, quantization) if quantization is not None else None
         tokenizer = build_tokenizer_json(meta), json.dumps(build_tokenizer_config(meta), indent=2) + "\n"
-    except Unsupported as e:  # a GGUF file, of what we cannot represent (architecture, rope scaling, tokenizer)
-        raise BadFile(gguf_file, str(e), "use a llama-architecture GGUF (or the model's Hugging Face repo)") from None
-    except Exception as e:  # the gguf reader's own errors on a damaged or cut-short file (KeyError, IndexError, ...)
-        raise BadFile(gguf_file, f"not a readable GGUF file ({first_line(e)})", FETCH_AGAIN) from None
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     files.write_text(checkpoint_dir / "tokenizer.json", tokenizer[0])
