@@ -23,7 +23,6 @@ Prints a markdown table; --json writes the rows.
 """
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -35,33 +34,24 @@ from typing import Callable
 import torch
 
 import cuda
-import files
-import quantize
+import memory_bench
 import serve_bench
-from checkpoint import PRECISIONS, Checkpoint, resolve_precision
+from bench_files import LLAMA_CPP_TYPES, QUANTIZED, ROOT, activations_of, checkpoint_for, llama_cpp_gguf, save_json
+from checkpoint import PRECISIONS, Checkpoint
 from cli import run_cli
 from generate import (
     DEFAULT_CHECKPOINT,
     compile_step,
     decode_one_token,
-    decode_rows,
     generate,
     load_model,
     resolve_device,
 )
-from kernels import release_freed_memory
-from memory import Sizer, bytes_read_per_token, copy_bandwidth, model_bytes_read_per_token, peak_memory_bytes
+from memory import bytes_read_per_token, copy_bandwidth, model_bytes_read_per_token, peak_memory_bytes
 from tokenizer import get_tokenizer
-
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from convert_gguf import export_gguf  # noqa: E402
-from convert_hf_checkpoint import to_hf_config, to_hf_state_dict  # noqa: E402
 
 BENCH_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
 SYSTEMS = ("transformers", "llama.cpp")
-QUANTIZED = {"int8": ("int8", None), "int4": ("int4", 32)}  # precision -> quantize.py (mode, groupsize)
-LLAMA_CPP_TYPES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_1"}
 PRECISION_LABELS = {"int4": "int4 g32"}  # as the table prints them
 TEXT = ("The history of computing is a story of people who wanted to calculate faster than they could by hand. "
         "From the abacus to mechanical calculators, from punched cards to transistors, each step made machines "
@@ -106,30 +96,6 @@ class Runner:
 
 # ---- the systems; each returns the Runner of one row ------------------------------------------------------
 
-def is_fresh(made: Path, source: Path) -> bool:
-    """True if a file derived from source exists and is newer than it (else it is made again)."""
-    return made.is_file() and made.stat().st_mtime >= source.stat().st_mtime
-
-
-def checkpoint_for(checkpoint: Path, precision: str) -> Path:
-    """The weights file a precision runs: the float checkpoint, or its quantized twin (made if missing)."""
-    weights = Checkpoint.open(checkpoint).weights
-    if precision not in QUANTIZED:
-        return weights
-    mode, groupsize = QUANTIZED[precision]
-    out = weights.parent / quantize.output_name(mode, groupsize)
-    if not is_fresh(out, weights):
-        print(f"quantizing {weights} to {out.name} ...", file=sys.stderr, flush=True)
-        quantize.main(checkpoint_path=weights, mode=mode, groupsize=groupsize or 32, output=out)
-    return out
-
-
-def activations_of(precision: str, ckpt: Checkpoint, device: torch.device) -> str:
-    """The activations' dtype a benchmark precision runs in: its own for fp32 / bf16 / fp16; `auto`'s for the
-    quantized checkpoints (checkpoint.resolve_precision)."""
-    return resolve_precision("auto" if precision in QUANTIZED else precision, ckpt.quantization, device)
-
-
 def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_sizes, compiled) -> Runner:
     ckpt = Checkpoint.open(checkpoint_for(checkpoint, precision))
     activations = activations_of(precision, ckpt, device)
@@ -149,6 +115,7 @@ def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_sizes, comp
 
 def bench_transformers(checkpoint, device, precision, ids, n_new, batch_sizes) -> Runner:
     import transformers
+    from convert_hf_checkpoint import to_hf_config, to_hf_state_dict  # scripts/ is on the path (bench_files)
 
     if precision in QUANTIZED:
         raise ValueError("transformers runs the float precisions only")
@@ -186,31 +153,6 @@ def bench_transformers(checkpoint, device, precision, ids, n_new, batch_sizes) -
     weights_gb = bytes_read_per_token(sizes, "model.embed_tokens.", config.tie_word_embeddings) / 1e9
     return Runner(make_run, (1, *batch_sizes), lambda: {"weights_gb": weights_gb,
                                                       "peak_memory_gb": peak_memory_bytes(device) / 1e9})
-
-
-def llama_cpp_gguf(checkpoint: Path, precision: str) -> Path:
-    """The GGUF llama.cpp runs for a precision, made from our float checkpoint on first use (in gguf/)."""
-    import llama_cpp
-
-    if precision not in LLAMA_CPP_TYPES:
-        raise ValueError(f"no llama.cpp type for {precision}; llama.cpp rows: {', '.join(LLAMA_CPP_TYPES)}")
-    weights = Checkpoint.open(checkpoint).weights
-    folder = weights.parent / "gguf"
-    folder.mkdir(exist_ok=True)
-    kind = LLAMA_CPP_TYPES[precision]
-    out = folder / f"{weights.stem}-{kind}.gguf"
-    if is_fresh(out, weights):
-        return out
-    if kind in ("F32", "BF16"):
-        return export_gguf(weights, out, kind)
-    f32 = llama_cpp_gguf(checkpoint, "fp32")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[kind]
-    params.output_tensor_type = params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
-    params.nthread = torch.get_num_threads()
-    if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {f32} to {kind}")
-    return out
 
 
 def bench_llama_cpp(checkpoint, device, precision, ids, n_new, batch_sizes) -> Runner:
@@ -387,153 +329,26 @@ def measure(specs: dict, runs: int, batch_sizes: list[int]) -> dict:
     return rows
 
 
-# ---- memory: memory.py's estimate beside the measured peak ---------------------------------------------------
-
-def reset_peak() -> bool:
-    """Start the process's peak resident memory (VmHWM) again from what it holds now (Linux /proc/self/clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def memory_cases(spec: dict) -> list[dict]:
-    """In a fresh process: load spec's checkpoint and precision on the CPU; then, for each (rows, context) of spec's
-    cases, smallest first: fill a KV cache of that size (every page written), run one decode step of every row at its
-    last position and one prefill chunk, and free it. Each case's measured peak is the larger of the load's peak and
-    that case's own (VmHWM started again before it), beside memory.py's estimate of it."""
-    dev, chunk = torch.device("cpu"), spec["chunk"]
-    ckpt = Checkpoint.open(checkpoint_for(Path(spec["checkpoint"]), spec["precision"]))
-    precision = activations_of(spec["precision"], ckpt, dev)
-    model = load_model(ckpt, dev, precision)
-    load_peak, sizer, out = peak_memory_bytes(dev), Sizer.of(ckpt, precision, dev), []
-    for rows, context in sorted(spec["cases"], key=lambda c: c[0] * c[1]):
-        if not reset_peak() and out:
-            raise RuntimeError("cannot measure several cases in one process here (no /proc/self/clear_refs)")
-        model.setup_caches(rows, context)
-        for block in model.layers:
-            block.attention.kv_cache.k_cache.fill_(0.01)
-            block.attention.kv_cache.v_cache.fill_(0.01)
-        with torch.no_grad():
-            decode_rows(model, torch.zeros(rows, 1, dtype=torch.long), torch.full((rows, 1), context - 1))
-            model(torch.zeros(1, chunk, dtype=torch.long), torch.arange(chunk), last_only=True, cache_row=0)
-        est = sizer.at(rows, context, chunk)
-        out.append({"precision": spec["precision"], "rows": rows, "context": context, "chunk": chunk,
-                    "measured_bytes": max(load_peak, peak_memory_bytes(dev)), "estimate_bytes": est.total_bytes,
-                    "weights_bytes": est.weights_bytes, "kv_cache_bytes": est.kv_cache_bytes})
-        for block in model.layers:  # let the cache go before the next one
-            block.attention.kv_cache = None
-        model.max_batch_size = model.max_seq_length = -1
-        release_freed_memory()
-    return out
-
-
-def memory_table(checkpoint: Path, precisions: list[str], rows: list[int], contexts: list[int], chunk: int = 64,
-                 parallel: int = 2) -> list[dict]:
-    """memory_cases for every precision x rows x context: a fresh process per precision (`parallel` at a time)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(spec):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_case", json.dumps(spec)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        line = next((x for x in out.stdout.splitlines() if x.startswith(REPLY)), None)
-        if line is None:
-            raise RuntimeError(f"memory case {spec} failed: {out.stderr.strip().splitlines()[-1:]}")
-        return json.loads(line[len(REPLY):])
-
-    for p in precisions:  # quantized checkpoints made here, not inside a measured process
-        checkpoint_for(checkpoint, p)
-    specs = [{"checkpoint": str(checkpoint), "precision": p, "chunk": chunk,
-              "cases": [[r, c] for r in rows for c in contexts]} for p in precisions]
-    with ThreadPoolExecutor(parallel) as pool:
-        return [case for cases in pool.map(one, specs) for case in cases]
-
-
-def print_memory_table(cases: list[dict]) -> None:
-    print("| precision | rows x context | estimated peak MiB | measured peak MiB | estimate off by |")
-    print("|---|---|---:|---:|---:|")
-    for c in cases:
-        off = c["estimate_bytes"] / c["measured_bytes"] - 1
-        print(f"| {c['precision']} | {c['rows']} x {c['context']} | {c['estimate_bytes'] / 2**20:.0f} "
-              f"| {c['measured_bytes'] / 2**20:.0f} | {off:+.1%} |")
-
-
-# ---- serving: our server and llama.cpp's, through the same OpenAI chat endpoint ---------------------------------
-
-def serving_files(checkpoint: Path, gguf: Path | None) -> tuple[Path, Path | None]:
-    """(our int4 weights, the GGUF of the same weights for llama-server, or None). A folder made from a Q4_1 GGUF
-    keeps the file's own blocks as model_gguf.pth: we serve those, llama-server the GGUF (`gguf`, or for the default
-    model the cached one). Any other checkpoint serves quantize.py's int4 beside llama.cpp's Q4_1 made from its float
-    weights (that needs llama-cpp-python; without it, llama-server is left out)."""
-    weights = Checkpoint.open(checkpoint).weights
-    own = weights.with_name("model_gguf.pth")
-    if own.is_file() and (gguf is not None or weights.parent.resolve() == (ROOT / DEFAULT_CHECKPOINT).parent.resolve()):
-        from default_model import fetch_gguf  # scripts/ is on the path (above)
-
-        return own, gguf or fetch_gguf()
-    try:
-        return checkpoint_for(weights, "int4"), gguf or llama_cpp_gguf(weights, "int4")
-    except ImportError:
-        return checkpoint_for(weights, "int4"), None
-
-
-def main_serve(checkpoint: Path, clients: list[int], rate: float | None, requests: int, max_new_tokens: int, rows: int,
-               context: int, prompts: Path, compile: bool, llama_server: str | None, gguf: Path | None,
-               json_path: Path | None) -> list:
-    """Start server.py (and llama-server, where found) on the same int4 weights, run every load shape on both."""
-    chats = serve_bench.load_prompts(prompts)
-    ours, gguf = serving_files(checkpoint, gguf)
-    binary = shutil.which(llama_server or "llama-server") if llama_server != "" else None
-    if llama_server and binary is None:
-        raise ValueError(f"--llama_server {llama_server!r} not found; build it as docs/benchmarks.md says")
-    started = {}
-    try:
-        port = serve_bench.free_port()
-        started["fastllama"] = serve_bench.ServerProcess(
-            [sys.executable, ROOT / "server.py", "--checkpoint_path", ours, "--rows", rows, "--context", context,
-             "--port", port] + (["--compile"] if compile else []), port)
-        if binary and gguf:
-            port = serve_bench.free_port()
-            started["llama.cpp"] = serve_bench.ServerProcess(
-                [binary, "-m", gguf, "--parallel", rows, "-c", rows * context, "-t", torch.get_num_threads(),
-                 "--port", port, "--host", "127.0.0.1", "--no-webui"], port)
-        for s in started.values():
-            s.ready()
-        shapes = serve_bench.loads(clients, rate)
-        rows_out = serve_bench.run({k: s.port for k, s in started.items()}, shapes, chats, requests, max_new_tokens)
-    finally:
-        for s in started.values():
-            s.stop()
-    serve_bench.print_table(rows_out, max_new_tokens, requests)
-    if json_path is not None:
-        save_json(json_path, rows_out)
-    return rows_out
-
-
 # ---- the command ---------------------------------------------------------------------------------------
 
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = None,
          precisions: str = "fp32,bf16,int8,int4", compare: str | None = None, eager: bool = False,
          prompt_tokens: int = 256, max_new_tokens: int | None = None, batch_size: str | int = "4", runs: int = 5,
-         startup: bool = True,
-         json_path: Path | None = None, worker_spec: str | None = None, memory: bool = False,
-         memory_case_spec: str | None = None, serve: bool = False, clients: str = "1,2,4,8,16", rate: float = 2.0,
-         requests: int = 32, rows: int = 8, context: int = 1024, prompts: Path = serve_bench.PROMPTS,
+         startup: bool = True, json_path: Path | None = None, worker_spec: str | None = None, memory: bool = False,
+         serve: bool = False, clients: str = "1,2,4,8,16", rate: float = 2.0, requests: int = 32,
+         rows: int = 8, context: int = 1024, prompts: Path = serve_bench.PROMPTS,
          llama_server: str | None = None, gguf: Path | None = None) -> list[dict]:
     """Benchmark each precision and system; print a markdown table; return (and optionally save) the rows."""
     if worker_spec is not None:
         run_worker(json.loads(worker_spec))
         return []
-    if memory_case_spec is not None:
-        print(REPLY + json.dumps(memory_cases(json.loads(memory_case_spec))), flush=True)
-        return []
     if serve:
         counts = [int(c) for c in clients.split(",") if c.strip()]
         if not counts or min(counts) < 1 or min(requests, rows, context) < 1 or rate < 0:
             raise ValueError("--clients needs positive counts; --requests, --rows, --context at least 1; --rate >= 0")
-        return main_serve(Path(checkpoint_path), counts, rate or None, requests, 64 if max_new_tokens is None
-                          else max_new_tokens, rows, context, prompts, not eager, llama_server, gguf, json_path)
+        n_new = 64 if max_new_tokens is None else max_new_tokens
+        return serve_bench.main_serve(Path(checkpoint_path), counts, rate or None, requests, n_new, rows, context,
+                                      prompts, not eager, llama_server, gguf, json_path, torch.get_num_threads())
     max_new_tokens = 128 if max_new_tokens is None else max_new_tokens
     dev = resolve_device(device)
     names = [p.strip() for p in precisions.split(",") if p.strip()]
@@ -542,8 +357,8 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
         raise ValueError(f"unknown precision(s) {bad}; choose from {', '.join(BENCH_PRECISIONS)}")
     batch_sizes = parse_batch_sizes(batch_size)
     if memory:
-        cases = memory_table(Path(checkpoint_path), names, [1, *batch_sizes], [2048, 8192])
-        print_memory_table(cases)
+        cases = memory_bench.memory_table(Path(checkpoint_path), names, [1, *batch_sizes], [2048, 8192])
+        memory_bench.print_memory_table(cases)
         if json_path is not None:
             save_json(json_path, cases)
         return cases
@@ -579,11 +394,6 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
     if json_path is not None:
         save_json(json_path, rows)
     return rows
-
-
-def save_json(path: Path, rows: list) -> None:
-    """--json's file, written whole or not at all (files.written): an interrupted run leaves the earlier one."""
-    files.write_text(Path(path), json.dumps(rows, indent=2) + "\n")
 
 
 def print_table(rows, prompt_tokens, max_new_tokens, batch_sizes, stream) -> None:
@@ -655,7 +465,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gguf", type=Path, default=None,
                    help="the GGUF llama-server runs (default: the default model's, or llama.cpp's Q4_1 of the weights)")
     p.add_argument("--worker_spec", type=str, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--memory_case", dest="memory_case_spec", type=str, default=None, help=argparse.SUPPRESS)
     return p
 
 

@@ -1,22 +1,29 @@
-"""Load for an OpenAI-compatible server and what it measures: benchmark.py --serve drives ours and llama.cpp's with it.
+"""The serving benchmark (`benchmark.py --serve`): our server and llama.cpp's on the same int4 weights, the same load.
 
 Every request is a streamed chat completion (`stream_options.include_usage`) of a prompt from data/prompts.jsonl,
 temperature 0, a seed, a fixed max_tokens and `ignore_eos` (both servers accept it), so that every answer has the
 same length on both systems. A reply records when its first token came, the gap before each later token and the
 usage the server reported. Load shapes: a closed loop of N clients (each sends its next request when its answer
 is complete; N = 1 is one client at a time) and Poisson arrivals at a rate. Both are bounded in requests and time.
+main_serve starts both servers (server.py; llama-server where found) and runs every load shape on each.
 """
 import http.client
 import json
 import random
+import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench_files import ROOT, checkpoint_for, llama_cpp_gguf, save_json
+from checkpoint import Checkpoint
+from generate import DEFAULT_CHECKPOINT
 
 PROMPTS = Path(__file__).resolve().with_name("data") / "prompts.jsonl"
 
@@ -250,3 +257,55 @@ def print_table(rows: list[dict], max_tokens: int, requests: int) -> None:
         print(f"| {load} | {cell(load, 'requests_per_min', '.0f')} | {cell(load, 'output_tok_s', '.0f')} "
               f"| {cell(load, 'ttft_p50_s', '.2f')} | {cell(load, 'ttft_p99_s', '.2f')} "
               f"| {cell(load, 'tpot_p50_s', '.0f', 1e3)} | {cell(load, 'e2e_p90_s', '.1f')} | {bad} |")
+
+
+# ---- the driver: our server and llama.cpp's on the same int4 weights ------------------------------------------
+
+def serving_files(checkpoint: Path, gguf: Path | None) -> tuple[Path, Path | None]:
+    """(our int4 weights, the GGUF of the same weights for llama-server, or None). A folder made from a Q4_1 GGUF
+    keeps the file's own blocks as model_gguf.pth: we serve those, llama-server the GGUF (`gguf`, or for the default
+    model the cached one). Any other checkpoint serves quantize.py's int4 beside llama.cpp's Q4_1 made from its float
+    weights (that needs llama-cpp-python; without it, llama-server is left out)."""
+    weights = Checkpoint.open(checkpoint).weights
+    own = weights.with_name("model_gguf.pth")
+    if own.is_file() and (gguf is not None or weights.parent.resolve() == (ROOT / DEFAULT_CHECKPOINT).parent.resolve()):
+        from default_model import fetch_gguf  # scripts/ is on the path (bench_files)
+
+        return own, gguf or fetch_gguf()
+    try:
+        return checkpoint_for(weights, "int4"), gguf or llama_cpp_gguf(weights, "int4")
+    except ImportError:
+        return checkpoint_for(weights, "int4"), None
+
+
+def main_serve(checkpoint: Path, clients: list[int], rate: float | None, requests: int, max_new_tokens: int, rows: int,
+               context: int, prompts: Path, compile: bool, llama_server: str | None, gguf: Path | None,
+               json_path: Path | None, threads: int) -> list:
+    """Start server.py (and llama-server, where found) on the same int4 weights, run every load shape on both."""
+    chats = load_prompts(prompts)
+    ours, gguf = serving_files(checkpoint, gguf)
+    binary = shutil.which(llama_server or "llama-server") if llama_server != "" else None
+    if llama_server and binary is None:
+        raise ValueError(f"--llama_server {llama_server!r} not found; build it as docs/benchmarks.md says")
+    started = {}
+    try:
+        port = free_port()
+        started["fastllama"] = ServerProcess(
+            [sys.executable, ROOT / "server.py", "--checkpoint_path", ours, "--rows", rows, "--context", context,
+             "--port", port] + (["--compile"] if compile else []), port)
+        if binary and gguf:
+            port = free_port()
+            started["llama.cpp"] = ServerProcess(
+                [binary, "-m", gguf, "--parallel", rows, "-c", rows * context, "-t", threads,
+                 "--port", port, "--host", "127.0.0.1", "--no-webui"], port)
+        for s in started.values():
+            s.ready()
+        shapes = loads(clients, rate)
+        rows_out = run({k: s.port for k, s in started.items()}, shapes, chats, requests, max_new_tokens)
+    finally:
+        for s in started.values():
+            s.stop()
+    print_table(rows_out, max_new_tokens, requests)
+    if json_path is not None:
+        save_json(json_path, rows_out)
+    return rows_out

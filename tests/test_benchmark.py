@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import bench_files
 import benchmark
 
 
@@ -68,10 +69,10 @@ def test_benchmark_quantized_row(tiny_llama, tmp_path):
     precision `auto` gives it, with fewer bytes read per token than the float model."""
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_llama[1], folder)
-    path = benchmark.checkpoint_for(folder, "int8")
-    assert path == folder / "model_int8.pth" and benchmark.is_fresh(path, folder / "model.pth")
+    path = bench_files.checkpoint_for(folder, "int8")
+    assert path == folder / "model_int8.pth" and bench_files.is_fresh(path, folder / "model.pth")
     made = path.stat().st_mtime_ns
-    assert benchmark.checkpoint_for(folder, "int8") == path and path.stat().st_mtime_ns == made
+    assert bench_files.checkpoint_for(folder, "int8") == path and path.stat().st_mtime_ns == made
     ids, device = list(range(3, 11)), torch.device("cpu")
     rows = {}
     for precision in ("fp32", "int8"):

@@ -7,10 +7,11 @@ import pytest
 import torch
 from helpers import assert_one_line_error, run_in_process
 
-import benchmark
+import bench_files
 import generate as gen
 import kernels
 import memory
+import memory_bench
 import server
 from checkpoint import Checkpoint
 
@@ -52,7 +53,7 @@ def test_default_model_bytes_are_exact_at_every_format(smollm2_dir):
     for precision in ("fp32", "bf16"):
         assert_exact(folder, precision)
     for mode in ("int8", "int4"):
-        est = assert_exact(benchmark.checkpoint_for(folder, mode), "fp32")  # made once beside it, as the peak test's
+        est = assert_exact(bench_files.checkpoint_for(folder, mode), "fp32")  # made once beside it, as the peak test's
         if mode == "int4":  # scales and offsets counted: more than 0.5 bytes per weight
             assert 0.56 <= est.weights["attention"] / est.params_per_part["attention"] <= 0.63
     assert_exact(folder / "model_gguf.pth", "fp32")  # the GGUF's own Q4_1 blocks
@@ -63,7 +64,7 @@ def test_measured_peak_is_within_15_percent(smollm2_dir):
     """A fresh process per precision loads the default model; per rows x context it writes every page of a KV cache,
     runs a decode step over every row and one prefill chunk: the peak resident memory (the load's included, VmHWM
     started again before each case) against the estimate."""
-    cases = benchmark.memory_table(smollm2_dir, ["fp32", "bf16", "int8", "int4"], [1, 8], [2048, 8192])
+    cases = memory_bench.memory_table(smollm2_dir, ["fp32", "bf16", "int8", "int4"], [1, 8], [2048, 8192])
     assert len(cases) == 16
     off = {(c["precision"], c["rows"], c["context"]): c["estimate_bytes"] / c["measured_bytes"] - 1 for c in cases}
     assert not {k: v for k, v in off.items() if abs(v) > 0.15}, off
