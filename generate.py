@@ -225,7 +225,9 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
         layers.use_cpu_linear(model)  # float32 / bf16 linears by the C++ kernel where kernels.OPS says so
     if transform is not None:  # after the swap above, so that hooks it adds (tp's all-reduces) stay in use
         transform(model)
-    model = model.to(dtype=dtype).eval()
+    # a float model staying on the CPU is cast on its way into huge pages (below): one copy of the weights, not two
+    cast_later = ckpt.quantization is None and transform is None and device.type == "cpu"
+    model = (model if cast_later else model.to(dtype=dtype)).eval()
     if model.device != device:  # what the transform did not place (split_layers places every part)
         model = model.to(device)
     if ckpt.args.tie_embeddings and model.output.weight.device == model.device:
@@ -234,7 +236,7 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
         layers.prepare(model)
     if model.device.type == "cpu":
         layers.use_cpu_attention(model)  # decode attention over the visible cache positions only (C++)
-        kernels.weights_in_huge_pages(model)  # decode streams every weight once per token: fewer TLB misses
+        kernels.weights_in_huge_pages(model, dtype)  # decode streams every weight once per token: fewer TLB misses
     return model
 
 

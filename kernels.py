@@ -421,8 +421,9 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def weights_in_huge_pages(module: nn.Module) -> None:
-    """Move every parameter and buffer of a CPU module into one huge-page arena; tied ones stay tied.
+def weights_in_huge_pages(module: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Move every parameter and buffer of a CPU module into one huge-page arena; tied ones stay tied. With dtype,
+    floating-point ones are cast to it on the way, as module.to(dtype) would, in the same one copy.
 
     A decode step streams every weight once. In 4 KiB pages (how the checkpoint's mmap and repacked int4
     weights come) each 4 KiB costs a TLB miss and restarts the hardware prefetcher (docs/kernels.md).
@@ -436,12 +437,13 @@ def weights_in_huge_pages(module: nn.Module) -> None:
             for name, t in getattr(m, kind).items():
                 if t is not None and t.device.type == "cpu" and t.numel():
                     slots.setdefault(id(t), [t]).append((m, kind, name))
-    sizes = [(e[0].numel() * e[0].element_size() + 63) // 64 * 64 for e in slots.values()]
+    cast = lambda t: dtype if dtype is not None and t.is_floating_point() else t.dtype  # noqa: E731
+    sizes = [(e[0].numel() * cast(e[0]).itemsize + 63) // 64 * 64 for e in slots.values()]
     arena, offset, freed = huge_page_arena(sum(sizes)), 0, 0
     for key, n in zip(list(slots), sizes):
         t, *where = slots.pop(key)
-        raw = torch.frombuffer(arena, dtype=torch.uint8, count=t.numel() * t.element_size(), offset=offset)
-        c = raw.view(t.dtype).view(t.shape).copy_(t.detach())
+        raw = torch.frombuffer(arena, dtype=torch.uint8, count=t.numel() * cast(t).itemsize, offset=offset)
+        c = raw.view(cast(t)).view(t.shape).copy_(t.detach())
         c = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
         for m, kind, name in where:
             getattr(m, kind)[name] = c

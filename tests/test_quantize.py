@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same_model
+from helpers import assert_same_model, make_hf_model
 
 import eval as ev
 import kernels
 import layers
 import quantize as qz
-from checkpoint import Checkpoint, Format, save_checkpoint
+from checkpoint import PRECISIONS, Checkpoint, Format, save_checkpoint
 from generate import generate, load_model
 
 
@@ -86,6 +86,25 @@ def test_weights_in_huge_pages_keep_values_outputs_and_ties():
     assert len(set(storages)) == len({id(t) for t in after.values()})  # one storage per distinct tensor
     for y, ref in zip([model.output(x), model.mid(x), model.head(x)], outputs):
         assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_load_casts_a_float_model_on_its_way_into_huge_pages(tmp_path, spm_dir, precision):
+    """A float checkpoint loaded on the CPU is cast while it is copied into huge pages, not by model.to() before:
+    every tensor the same bits and dtype as model.to(dtype) gives, the tied output layer still the embedding's."""
+    folder = tmp_path / "m"
+    make_hf_model("smollm2_tied", folder, spm_dir)
+    dtype = PRECISIONS[precision]
+    model = load_model(folder, "cpu", precision)
+    ckpt = Checkpoint.open(folder)
+    ref = ckpt.build()
+    ref.load_state_dict(ckpt.state_dict(), assign=True)
+    ref = ref.to(dtype=dtype)
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and model.dtype == dtype
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    assert model.output.weight is model.tok_embeddings.weight
 
 
 @pytest.fixture(params=["int8", "int4"])
