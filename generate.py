@@ -236,7 +236,8 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
         layers.prepare(model)
     if model.device.type == "cpu":
         layers.use_cpu_attention(model)  # decode attention over the visible cache positions only (C++)
-        kernels.weights_in_huge_pages(model, dtype)  # decode streams every weight once per token: fewer TLB misses
+        # decode streams every weight once per token: fewer TLB misses
+        kernels.weights_in_huge_pages(model, dtype if cast_later else None)
     return model
 
 
