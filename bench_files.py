@@ -15,10 +15,9 @@ import torch
 import files
 import quantize
 from checkpoint import Checkpoint, resolve_precision
+from memory import converter
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from convert_gguf import export_gguf  # noqa: E402
 
 QUANTIZED = {"int8": ("int8", None), "int4": ("int4", 32)}  # precision -> quantize.py (mode, groupsize)
 LLAMA_CPP_TYPES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_1"}
@@ -62,7 +61,7 @@ def llama_cpp_gguf(checkpoint: Path, precision: str) -> Path:
     if is_fresh(out, weights):
         return out
     if kind in ("F32", "BF16"):
-        return export_gguf(weights, out, kind)
+        return converter("convert_gguf").export_gguf(weights, out, kind)
     f32 = llama_cpp_gguf(checkpoint, "fp32")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}[kind]

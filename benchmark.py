@@ -47,7 +47,7 @@ from generate import (
     load_model,
     resolve_device,
 )
-from memory import bytes_read_per_token, copy_bandwidth, model_bytes_read_per_token, peak_memory_bytes
+from memory import bytes_read_per_token, converter, copy_bandwidth, model_bytes_read_per_token, peak_memory_bytes
 from tokenizer import get_tokenizer
 
 BENCH_PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
@@ -115,14 +115,14 @@ def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_sizes, comp
 
 def bench_transformers(checkpoint, device, precision, ids, n_new, batch_sizes) -> Runner:
     import transformers
-    from convert_hf_checkpoint import to_hf_config, to_hf_state_dict  # scripts/ is on the path (bench_files)
+    hf = converter("convert_hf_checkpoint")
 
     if precision in QUANTIZED:
         raise ValueError("transformers runs the float precisions only")
     ckpt = Checkpoint.open(checkpoint)
-    config = transformers.AutoConfig.for_model(**to_hf_config(ckpt.args))
+    config = transformers.AutoConfig.for_model(**hf.to_hf_config(ckpt.args))
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=PRECISIONS[precision])
-    sd = to_hf_state_dict(ckpt.state_dict(), ckpt.args)
+    sd = hf.to_hf_state_dict(ckpt.state_dict(), ckpt.args)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     model = model.to(device).eval()

@@ -285,7 +285,7 @@ def resolve_model(model: str) -> tuple[ModelArgs, str | None, str, int | None]:
     if path.suffix == ".gguf" and path.is_file():
         return _gguf_model(path)
     if path.is_dir() and (path / "config.json").is_file() and not (path / "model.pth").is_file():
-        return _converter("convert_hf_checkpoint").read_hf_config(path / "config.json"), None, path.name, None
+        return converter("convert_hf_checkpoint").read_hf_config(path / "config.json"), None, path.name, None
     if path.exists():
         ckpt = Checkpoint.open(path)
         return ckpt.args, checkpoint_format(ckpt), str(path), ckpt.weights.stat().st_size
@@ -306,9 +306,9 @@ def checkpoint_format(ckpt: Checkpoint) -> str:
     return "q4_1" if q.int8_groupsize else "int4"
 
 
-def _converter(name: str):
-    """A converter module of scripts/ (convert_gguf, convert_hf_checkpoint), imported when first needed: the
-    converters are clients of the loader and live outside the importable modules."""
+def converter(name: str):
+    """A module of scripts/ (convert_gguf, convert_hf_checkpoint, default_model), imported when first needed: they
+    are clients of the loader and live outside the importable modules. The one place scripts/ joins sys.path."""
     scripts = str(Path(__file__).resolve().parent / "scripts")
     if scripts not in sys.path:
         sys.path.insert(0, scripts)
@@ -317,7 +317,7 @@ def _converter(name: str):
 
 def _gguf_model(path: Path) -> tuple[ModelArgs, str, str, int]:
     """A GGUF file's config and the format scripts/convert_gguf.py would import it in."""
-    convert_gguf = _converter("convert_gguf")
+    convert_gguf = converter("convert_gguf")
     reader, _, args = convert_gguf.read_gguf(path)
     q = convert_gguf.quantized_layout(reader)
     fmt = "fp32" if q is None else "q4_1" if q.kind == "int4" else "q8_0"

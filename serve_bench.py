@@ -24,6 +24,7 @@ from pathlib import Path
 from bench_files import ROOT, checkpoint_for, llama_cpp_gguf, save_json
 from checkpoint import Checkpoint
 from generate import DEFAULT_CHECKPOINT
+from memory import converter
 
 PROMPTS = Path(__file__).resolve().with_name("data") / "prompts.jsonl"
 
@@ -269,9 +270,7 @@ def serving_files(checkpoint: Path, gguf: Path | None) -> tuple[Path, Path | Non
     weights = Checkpoint.open(checkpoint).weights
     own = weights.with_name("model_gguf.pth")
     if own.is_file() and (gguf is not None or weights.parent.resolve() == (ROOT / DEFAULT_CHECKPOINT).parent.resolve()):
-        from default_model import fetch_gguf  # scripts/ is on the path (bench_files)
-
-        return own, gguf or fetch_gguf()
+        return own, gguf or converter("default_model").fetch_gguf()
     try:
         return checkpoint_for(weights, "int4"), gguf or llama_cpp_gguf(weights, "int4")
     except ImportError:
