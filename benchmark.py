@@ -331,12 +331,17 @@ def measure(specs: dict, runs: int, batch_sizes: list[int]) -> dict:
 
 # ---- the command ---------------------------------------------------------------------------------------
 
+def split(spec: str) -> list[str]:
+    """The names of a comma-separated flag value."""
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = None,
-         precisions: str = "fp32,bf16,int8,int4", compare: str | None = None, eager: bool = False,
+         precisions: str | None = None, compare: str | None = None, eager: bool = False,
          prompt_tokens: int = 256, max_new_tokens: int | None = None, batch_size: str | int = "4", runs: int = 5,
          startup: bool = True, json_path: Path | None = None, worker_spec: str | None = None, memory: bool = False,
          serve: bool = False, clients: str = "1,2,4,8,16", rate: float = 2.0, requests: int = 32,
-         rows: int = 8, context: int = 1024, prompts: Path = serve_bench.PROMPTS,
+         rows: int = 8, context: int = 4096, prompts: Path = serve_bench.PROMPTS, prompt_sets: str = "chat,long",
          llama_server: str | None = None, gguf: Path | None = None) -> list[dict]:
     """Benchmark each precision and system; print a markdown table; return (and optionally save) the rows."""
     if worker_spec is not None:
@@ -347,11 +352,13 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
         if not counts or min(counts) < 1 or min(requests, rows, context) < 1 or rate < 0:
             raise ValueError("--clients needs positive counts; --requests, --rows, --context at least 1; --rate >= 0")
         n_new = 64 if max_new_tokens is None else max_new_tokens
-        return serve_bench.main_serve(Path(checkpoint_path), counts, rate or None, requests, n_new, rows, context,
-                                      prompts, not eager, llama_server, gguf, json_path, torch.get_num_threads())
+        return serve_bench.main_serve(Path(checkpoint_path), split(precisions or "int4"), split(prompt_sets), counts,
+                                      rate or None, requests, n_new, rows, context, prompts, not eager, llama_server,
+                                      gguf, json_path, torch.get_num_threads())
     max_new_tokens = 128 if max_new_tokens is None else max_new_tokens
+    precisions = precisions or "fp32,bf16,int8,int4"
     dev = resolve_device(device)
-    names = [p.strip() for p in precisions.split(",") if p.strip()]
+    names = split(precisions)
     bad = [p for p in names if p not in BENCH_PRECISIONS]
     if bad or not names:
         raise ValueError(f"unknown precision(s) {bad}; choose from {', '.join(BENCH_PRECISIONS)}")
@@ -436,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark a fastllama checkpoint, optionally against transformers and llama.cpp.")
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT, help="float model.pth or its folder")
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--precisions", type=str, default="fp32,bf16,int8,int4",
-                   help=f"comma-separated from {', '.join(BENCH_PRECISIONS)} (int4 = group size 32)")
+    p.add_argument("--precisions", type=str, default=None,
+                   help=f"comma-separated from {', '.join(BENCH_PRECISIONS)} (int4 = group size 32; default: all); "
+                        "--serve: int4 (Q4_1), int8 (Q8_0) (default: int4)")
     p.add_argument("--compare", type=str, default=None, help="comma-separated: transformers, llama.cpp")
     p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=False,
                    help="also run fastllama without compile")
@@ -452,14 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true",
                    help="instead: memory.py's estimate beside the measured peak, rows 1 and --batch_size, contexts "
                         "2048 and 8192 (CPU)")
-    g = p.add_argument_group("serving (--serve): server.py and llama-server on the same int4 weights, OpenAI chat")
+    g = p.add_argument_group("serving (--serve): server.py and llama-server on the same weights, OpenAI chat")
     g.add_argument("--serve", action="store_true", help="instead: the serving benchmark (compiled unless --eager)")
     g.add_argument("--clients", type=str, default="1,2,4,8,16", help="closed-loop client counts")
     g.add_argument("--rate", type=float, default=2.0, help="Poisson arrivals per second (0: none)")
     g.add_argument("--requests", type=int, default=32, help="requests per load shape and system")
     g.add_argument("--rows", type=int, default=8, help="our server's rows = llama-server's --parallel slots")
-    g.add_argument("--context", type=int, default=1024, help="positions per row / slot")
-    g.add_argument("--prompts", type=Path, default=serve_bench.PROMPTS, help="chats, one JSON object per line")
+    g.add_argument("--context", type=int, default=4096, help="positions per row / slot")
+    g.add_argument("--prompts", type=Path, default=serve_bench.PROMPTS,
+                   help="the chat prompt set: chats, one JSON object per line")
+    g.add_argument("--prompt_sets", type=str, default="chat,long",
+                   help="chat (--prompts), long (summaries of 256-2048 tokens of data/'s texts), comma-separated")
     g.add_argument("--llama_server", type=str, default=None,
                    help="llama-server binary (default: llama-server on PATH if there; '' for none)")
     g.add_argument("--gguf", type=Path, default=None,

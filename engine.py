@@ -1,10 +1,11 @@
 """The serving engine: continuous batching of many requests over the rows of one static KV cache.
 
 Each running request owns a row of the cache (a slot). One iteration of the loop (`step`): drop cancelled requests;
-run one prefill chunk for the row being admitted, so that a long prompt never stalls the others for more than one
-chunk; run one decode step for all rows at one fixed shape (compiled once); sample each row with its own settings;
-hand each request its new text. A finished row takes the next waiting request at the next iteration, reusing the KV
-of the longest prefix they share. Plain Python over the model: server.py translates HTTP to these calls and back.
+give every free row a waiting request, reusing the KV of the longest prefix they share; prefill the admitted prompts
+in arrival order, piece by piece, until the iteration's token budget is spent, so that prompts never stall the
+decoding requests for more than one budget; run one decode step over the rows that decode, and only those (one
+compiled graph for any count of rows); sample each row with its own settings; hand each request its new text.
+Plain Python over the model: server.py translates HTTP to these calls and back.
 
 Exactness: a request's tokens do not depend on what else is in the batch or which row it lands in. Each row's
 arithmetic is its own (the C++ kernels compute rows independently, attention cuts its chunks at fixed counts), and a
@@ -23,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from generate import decode_rows, prefill_pieces, sample
+from generate import MIN_ROWS, decode_rows, prefill_pieces, sample
 from model import Transformer
 from tokenizer import Detokenizer, Tokenizer
 
@@ -136,16 +137,18 @@ class Metrics:
 
 class Engine:
     """Continuous batching over `rows` rows of `context` positions (see the module docstring). decode_step is
-    generate.decode_rows or its compiled form; chunk is the prefill piece size; max_queue bounds the waiting line."""
+    generate.decode_rows or its compiled form (generate.compile_decode_rows); chunk is the prefill piece size;
+    prefill_budget the prompt tokens computed per iteration (default 4 pieces); max_queue bounds the waiting line."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, rows: int, context: int, chunk: int = 64,
-                 decode_step: Callable = decode_rows, max_queue: int = 64):
+                 prefill_budget: int | None = None, decode_step: Callable = decode_rows, max_queue: int = 64):
         self.model, self.tokenizer, self.rows, self.context, self.chunk = model, tokenizer, rows, context, chunk
+        self.budget = prefill_budget or 4 * chunk
         self.decode_step, self.max_queue = decode_step, max_queue
         model.setup_caches(rows, context)
         self.slots = [Slot() for _ in range(rows)]
         self.waiting: deque[Request] = deque()
-        self.admitting: int | None = None  # the row whose prompt is being prefilled, chunk by chunk
+        self.admitting: list[int] = []  # rows whose prompts are being prefilled, piece by piece, in arrival order
         self.metrics = Metrics()
         self.lock = threading.Condition()
 
@@ -195,27 +198,32 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One iteration: cancellations, one prefill chunk, one decode step for every decoding row."""
+        """One iteration: cancellations, admissions, prompt pieces up to the budget, one decode step of the rows
+        that decode."""
         self._drop_cancelled()
-        if self.admitting is None:
-            self._admit()
-        if self.admitting is not None:
-            self._prefill_chunk(self.admitting)
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _decode(self) -> None:
         decoding = [i for i, s in enumerate(self.slots) if s.next_token is not None]
         if not decoding:
             return
-        x = torch.zeros(self.rows, 1, dtype=torch.long)  # idle rows: token 0 at the scratch position
-        pos = torch.full((self.rows, 1), self.context)  # (Transformer.setup_caches), which costs next to nothing
-        for i in decoding:
-            s = self.slots[i]
-            x[i, 0], pos[i, 0] = s.next_token, len(s.tokens)
+        # A lone row goes with a pad row (token 0 at the scratch position of another row: Transformer.setup_caches),
+        # which costs next to nothing: the compiled step's row count is a dynamic size only from MIN_ROWS, and one
+        # graph for every count keeps a row's arithmetic independent of how many rows run.
+        spare = next((i for i in range(self.rows) if i not in decoding), 0)
+        pad = [spare] * max(0, min(MIN_ROWS, self.rows) - len(decoding))
+        x = torch.tensor([[self.slots[i].next_token] for i in decoding] + [[0]] * len(pad))
+        pos = torch.tensor([[len(self.slots[i].tokens)] for i in decoding] + [[self.context]] * len(pad))
         dev = self.model.device
-        logits = self.decode_step(self.model, x.to(dev), pos.to(dev)).float().cpu()  # (rows, vocab)
-        for i in decoding:
+        rows = torch.tensor(decoding + pad, device=dev)
+        logits = self.decode_step(self.model, x.to(dev), pos.to(dev), rows).float().cpu()  # (B, vocab)
+        for b, i in enumerate(decoding):
             s = self.slots[i]
             s.tokens.append(s.next_token)
             s.next_token = None
-            self._sampled(i, logits[i])
+            self._sampled(i, logits[b])
 
     def _drop_cancelled(self) -> None:
         with self.lock:
@@ -239,26 +247,40 @@ class Engine:
         return shared // self.chunk * self.chunk
 
     def _admit(self) -> None:
-        with self.lock:
-            free = [i for i, s in enumerate(self.slots) if s.request is None]
-            if not free or not self.waiting:
-                return
-            req = self.waiting.popleft()
-            row = max(free, key=lambda i: self._reusable(self.slots[i], req.prompt))  # the first of the longest
-            s = self.slots[row]
-            s.request = req
-        reuse = self._reusable(s, req.prompt)
-        s.tokens, s.exact, req.cached_tokens = s.tokens[:reuse], reuse, reuse
-        context = req.prompt[max(0, len(req.prompt) - 8):]  # spacing of the first new token
-        s.detok, s.stop_text = Detokenizer(self.tokenizer, context), StopText(req.sampling.stop)
-        self.metrics.prompt_tokens += len(req.prompt)
-        self.metrics.cached_tokens += reuse
-        self.admitting = row
+        """Every free row takes a waiting request, in arrival order; each goes to the free row that holds the
+        longest reusable prefix of its prompt."""
+        while True:
+            with self.lock:
+                free = [i for i, s in enumerate(self.slots) if s.request is None]
+                if not free or not self.waiting:
+                    return
+                req = self.waiting.popleft()
+                row = max(free, key=lambda i: self._reusable(self.slots[i], req.prompt))  # the first of the longest
+                s = self.slots[row]
+                s.request = req
+            reuse = self._reusable(s, req.prompt)
+            s.tokens, s.exact, req.cached_tokens = s.tokens[:reuse], reuse, reuse
+            context = req.prompt[max(0, len(req.prompt) - 8):]  # spacing of the first new token
+            s.detok, s.stop_text = Detokenizer(self.tokenizer, context), StopText(req.sampling.stop)
+            self.metrics.prompt_tokens += len(req.prompt)
+            self.metrics.cached_tokens += reuse
+            self.admitting.append(row)
 
-    def _prefill_chunk(self, row: int) -> None:
+    def _prefill(self) -> None:
+        """Prompt pieces of the admitted requests, oldest first, until the budget is spent (at least one piece)."""
+        spent = 0
+        while self.admitting:
+            row = self.admitting[0]
+            s = self.slots[row]
+            a, b = prefill_pieces(len(s.tokens), len(s.request.prompt), self.chunk)[0]
+            if spent and spent + b - a > self.budget:
+                return
+            spent += b - a
+            self._prefill_piece(row, a, b)
+
+    def _prefill_piece(self, row: int, a: int, b: int) -> None:
         s = self.slots[row]
         req = s.request
-        a, b = prefill_pieces(len(s.tokens), len(req.prompt), self.chunk)[0]
         dev = self.model.device
         logits = self.model(torch.tensor([req.prompt[a:b]], device=dev), torch.arange(a, b, device=dev),
                             last_only=True, cache_row=row)
@@ -266,7 +288,7 @@ class Engine:
         if s.exact == a and b - a == self.chunk:  # one more whole chunk, right after whole ones
             s.exact = b
         if b == len(req.prompt):
-            self.admitting = None
+            self.admitting.remove(row)
             self._sampled(row, logits[0, -1].float().cpu())
 
     def _sampled(self, row: int, logits: Tensor) -> None:
@@ -317,8 +339,8 @@ class Engine:
         s = self.slots[row]
         with self.lock:
             s.request, s.next_token = None, None
-        if self.admitting == row:  # cancelled while its prompt was being prefilled (its whole chunks stay reusable)
-            self.admitting = None
+        if row in self.admitting:  # cancelled while its prompt was being prefilled (its whole chunks stay reusable)
+            self.admitting.remove(row)
         self._count_finish(reason)
 
     def _count_finish(self, reason: str) -> None:

@@ -85,9 +85,16 @@ def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, key_mask:
     return sample(model(x, input_pos, key_mask), **sampling)
 
 
-def decode_rows(model: Transformer, x: Tensor, input_pos: Tensor) -> Tensor:
-    """One token for each of B rows, each at its own position: x and input_pos (B, 1); the logits (B, vocab)."""
-    return model(x, input_pos)[:, -1]
+MIN_ROWS = 2  # the fewest rows compile_decode_rows takes: torch.compile makes a size of 1 a constant, not a dynamic one
+
+
+def decode_rows(model: Transformer, x: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
+    """One token for each of B rows, each at its own position: x and input_pos (B, 1); the logits (B, vocab). rows
+    (B,) names each one's cache row (default: rows 0..B-1)."""
+    if rows is not None:  # one batch size for the three (a compiled step with a dynamic batch size)
+        torch._check(input_pos.size(0) == x.size(0))
+        torch._check(rows.size(0) == x.size(0))
+    return model(x, input_pos, cache_row=0 if rows is None else rows)[:, -1]
 
 
 def verify(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Tensor:
@@ -100,6 +107,20 @@ def compile_step(fn, device: torch.device, dynamic: bool = False):
     if device.type == "cuda":
         return cuda.compile_step(fn, dynamic)
     return kernels.compile_cpu(fn, dynamic)
+
+
+def compile_decode_rows(device: torch.device, rows: int):
+    """decode_rows compiled once for any count of MIN_ROWS..rows rows (the count a dynamic size of one graph, so that a
+    row's arithmetic is the same whatever else runs); with rows < MIN_ROWS, for that count alone."""
+    step = compile_step(decode_rows, device)
+
+    def run(model: Transformer, x: Tensor, input_pos: Tensor, cache_rows: Tensor) -> Tensor:
+        if rows >= MIN_ROWS:
+            for t in (x, input_pos, cache_rows):
+                torch._dynamo.mark_dynamic(t, 0, min=MIN_ROWS, max=rows)
+        return step(model, x, input_pos, cache_rows)
+
+    return run
 
 
 # ---- the decode loop --------------------------------------------------------------------------------------

@@ -808,12 +808,19 @@ std::pair<float, float> attend(const float* q, const T* k, const T* v, const int
   return {mx, hsum(sum) - float(n8 - n)};  // the padding added e^0 = 1 each
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(2) &&
-              q.size(1) % k.size(1) == 0 && q.size(2) % 8 == 0, "decode_attention: q (B, H, D), k and v (B, KV, S, D)");
+// q (B, H, D) over the cache rows rows[b] of k and v (R, KV, S, D): a server's running requests, wherever they sit.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                            const at::Tensor& rows_) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(3) == q.size(2) &&
+              q.size(1) % k.size(1) == 0 && q.size(2) % 8 == 0, "decode_attention: q (B, H, D), k and v (R, KV, S, D)");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == v.scalar_type(), "decode_attention: k, v");
   TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool && mask.size(1) == k.size(2) &&
               (mask.size(0) == 1 || mask.size(0) == q.size(0)), "decode_attention: mask (1 or B, S) bool");
+  TORCH_CHECK(rows_.dim() == 1 && rows_.size(0) == q.size(0) && rows_.scalar_type() == at::kLong,
+              "decode_attention: rows (B,) int64");
+  const at::Tensor cache_rows = rows_.contiguous();
+  const int64_t* rp = cache_rows.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b) TORCH_CHECK(rp[b] >= 0 && rp[b] < k.size(0), "decode_attention: row out of range");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k.size(2), R = H / KV;
   const at::Tensor qc = q.contiguous(), m = mask.contiguous();
   at::Tensor out = at::empty({B, H, D}, q.options());
@@ -848,7 +855,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     sc.resize(S + 8);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t c = items[item] / KV, g = items[item] % KV, b = owner[c], r = rows == 1 ? 0 : b;
-      const int64_t lo = (c - first[b]) * kChunk, hi = std::min(count[r], lo + kChunk), at = (b * KV + g) * S * D;
+      const int64_t lo = (c - first[b]) * kChunk, hi = std::min(count[r], lo + kChunk), at = (rp[b] * KV + g) * S * D;
       const int64_t* pp = pos.data() + r * S + lo;
       for (int64_t h = g * R; h < (g + 1) * R; ++h) {
         const float* qp = qf.data() + (b * H + h) * D;

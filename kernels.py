@@ -54,11 +54,13 @@ class Cpu:
     def avx2(self) -> bool:
         return self.capability in ("AVX2", "AVX512")
 
-    @property
-    def dense_gemm(self) -> bool:
-        """dense_linear / dense_glu take prefill rows too: their GEMM beats MKL's float32 one where MKL's widest
-        vectors are AVX2's and needs no widened copy of a bf16 weight; with AVX-512 MKL's vectors are twice as wide."""
-        return self.capability == "AVX2" and not self.half_arithmetic
+    def gemm(self, weight: torch.dtype | None) -> bool:
+        """Whether kernels.cpp's GEMM takes prefill rows of a weight of this dtype (None: int8 / int4). Quantized
+        weights always: panels unpacked from their layouts beat dequantizing the whole layer for MKL on every CPU
+        measured (a Zen 5's 64-token int4 prompt pieces: 811 against 332 tok/s). float32 always: it beats MKL's
+        float32 GEMM on AVX2 and AVX-512 CPUs alike (Zen 5: 738 against 557 tok/s). bf16 only without bf16
+        arithmetic: with it, MKL's bf16 GEMM is ~1.8x faster than widening the weight to float32 (docs/kernels.md)."""
+        return weight != torch.bfloat16 or not self.half_arithmetic
 
 
 @functools.cache
@@ -122,10 +124,10 @@ def int4_tiles(device: torch.device, in_features: int, out_features: int, groups
     return cuda.int4_inner_k_tiles(in_features, out_features, groupsize, cuda.capability(device))
 
 
-def _rows_here(x: Tensor) -> bool:
-    """Whether the C++ ops take x's rows: decode rows always; prefill rows where this CPU's dense_gemm is the faster
-    GEMM (for the quantized ops, against dequantizing the weight and calling F.linear)."""
-    return gemv(x) or this_cpu().dense_gemm
+def _rows_here(x: Tensor, weight: torch.dtype | None = None) -> bool:
+    """Whether the C++ ops take x's rows for a weight of this dtype (None: int8 / int4): decode rows always; prefill
+    rows where Cpu.gemm says the C++ GEMM is the faster one."""
+    return gemv(x) or this_cpu().gemm(weight)
 
 
 def _dense_takes(x: Tensor, w: Tensor) -> bool:
@@ -133,12 +135,12 @@ def _dense_takes(x: Tensor, w: Tensor) -> bool:
     and K % 32 == 0; the rows _rows_here takes."""
     return (x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
             and w.dim() == 2 and w.size(0) % 8 == 0 and w.size(1) % 32 == 0 and w.is_contiguous()
-            and _rows_here(x))
+            and _rows_here(x, w.dtype))
 
 
-def _attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def _attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: Tensor) -> Tensor:
     B, H, D = q.shape
-    return model.decode_attention(q.view(B, H, 1, D), k, v, mask.view(-1, 1, 1, k.size(2))).view(B, H, D)
+    return model.decode_attention(q.view(B, H, 1, D), k, v, mask.view(-1, 1, 1, k.size(2)), rows).view(B, H, D)
 
 
 def _glu(linear: Callable) -> Callable:
@@ -181,9 +183,9 @@ OPS = {
                        "dense"),
     "dense_glu": Op("(Tensor x, Tensor w1, Tensor w3, int tile=0) -> Tensor", _rows_out, _glu(float_linear),
                     lambda x, w1, w3: _dense_takes(x, w1) and _dense_takes(x, w3) and w1.shape == w3.shape, "dense"),
-    "decode_attention": Op("(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor",
-                           lambda q, k, v, mask: torch.empty_like(q), _attention_reference,
-                           lambda q, k, v, mask: q.device.type == "cpu" and q.size(-1) % 8 == 0
+    "decode_attention": Op("(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor rows) -> Tensor",
+                           lambda q, k, v, mask, rows: torch.empty_like(q), _attention_reference,
+                           lambda q, k, v, mask, rows: q.device.type == "cpu" and q.size(-1) % 8 == 0
                            and k.dtype in (torch.float32, torch.bfloat16, torch.float16)),
 }
 

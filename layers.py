@@ -77,11 +77,12 @@ def use_cpu_linear(transformer: nn.Module) -> None:
             m.glu = functools.partial(cpu_glu, m.w1, m.w3)
 
 
-def cpu_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def cpu_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: Tensor | None = None) -> Tensor:
     """model.decode_attention (one query position) by kernels.cpp where it applies. It visits only the positions
     the mask lets through; inductor's code for the PyTorch form reads the whole static cache."""
     B, H, _, D = q.shape
-    return kernels.run("decode_attention", q.view(B, H, D), k, v, mask.reshape(-1, k.size(2))).view(B, H, 1, D)
+    rows = torch.arange(B, device=q.device) if rows is None else rows
+    return kernels.run("decode_attention", q.view(B, H, D), k, v, mask.reshape(-1, k.size(2)), rows).view(B, H, 1, D)
 
 
 def use_cpu_attention(transformer: nn.Module) -> None:

@@ -135,7 +135,7 @@ def apply_rope_scaling(freqs: Tensor, factor: float, low_freq_factor: float, hig
 def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
     """Rotate adjacent pairs of x (B, T, H, D) by the angles in freqs_cis: (T, D // 2, 2) for every row, or
     (B, T, D // 2, 2), each row its own."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
+    xs = x.float().view(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
     fc = freqs_cis.unsqueeze(-3)  # (T, 1, D/2, 2) or (B, T, 1, D/2, 2): the same angles for every head
     out = torch.stack(
         [xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1], xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1
@@ -149,12 +149,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v for q (B, H, T, D) over k, v (B, KV, S, D) with H a multiple of KV.
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v for q (B, H, T, D) over k, v (B, KV, S, D) with H a multiple of KV; with rows (B,),
+    k and v are a whole cache (R, KV, S, D) and query row b attends over its row rows[b].
 
     Under torch.compile the query heads of a kv head broadcast against it, which inductor fuses into one
     reduction; eager PyTorch would copy k for that, so it folds them into the rows of a batched matmul.
     """
+    if rows is not None:
+        k, v = k[rows], v[rows]  # (B, KV, S, D)
     B, H, T, D = q.shape
     KV, rep = k.size(1), H // k.size(1)
     if torch.compiler.is_compiling():
@@ -210,10 +213,16 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int = 0) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv, T, D) into cache rows row..row+B-1 at positions input_pos: (T,) for every row, or
-        (B, T), each row its own; return those rows of the cache (B, n_kv, S, D)."""
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int | Tensor = 0) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv, T, D) into cache rows row..row+B-1, or into the rows a tensor row (B,) names, at
+        positions input_pos: (T,) for every row, or (B, T), each row its own. Return the cache rows written
+        (B, n_kv, S, D); for a tensor row, the whole cache (R, n_kv, S, D), which attention reads through row."""
         B = k.size(0)
+        if isinstance(row, Tensor):  # index (B, 1) x (B or 1, T) picks (B, T, n_kv, D)
+            pos = input_pos if input_pos.dim() == 2 else input_pos[None]
+            self.k_cache[row[:, None], :, pos] = k.transpose(1, 2)
+            self.v_cache[row[:, None], :, pos] = v.transpose(1, 2)
+            return self.k_cache, self.v_cache
         kc, vc = self.k_cache[row:row + B], self.v_cache[row:row + B]
         if input_pos.dim() == 1:
             kc[:, :, input_pos] = k
@@ -246,7 +255,7 @@ class Attention(nn.Module):
         self.decode_attention = decode_attention  # attention of one new token; kernels.py may swap in its own
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None, input_pos: Tensor,
-                cache_row: int = 0) -> Tensor:
+                cache_row: int | Tensor = 0) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -254,12 +263,15 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k.view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        k, v = self.kv_cache.update(input_pos, k, v, cache_row)  # (B, n_kv_heads, S, head_dim)
+        k, v = self.kv_cache.update(input_pos, k, v, cache_row)  # (B, n_kv_heads, S, head_dim), or the whole cache
+        rows = cache_row if isinstance(cache_row, Tensor) else None
+        if rows is not None and T > 1:  # a prompt into named cache rows: attention over those rows
+            k, v = k[rows], v[rows]
         gqa = self.n_head != self.n_kv_heads
         if mask is None:  # a prompt at positions 0..T-1 (Transformer.forward): causal over the first T cache positions
             y = F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=gqa)
         elif T == 1:  # decoding: plain math that the compiler fuses beats a flash kernel for one query
-            y = self.decode_attention(q, k, v, mask)
+            y = self.decode_attention(q, k, v, mask, rows)
         else:  # the mask may cover only the first positions of the cache (Transformer.forward)
             L = mask.size(-1)
             y = F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], attn_mask=mask, enable_gqa=gqa)
@@ -290,7 +302,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None, input_pos: Tensor,
-                cache_row: int = 0) -> Tensor:
+                cache_row: int | Tensor = 0) -> Tensor:
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, cache_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -353,7 +365,7 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
 
     def forward(self, idx: Tensor, input_pos: Tensor, key_mask: Tensor | None = None,
-                last_only: bool = False, cache_row: int = 0) -> Tensor:
+                last_only: bool = False, cache_row: int | Tensor = 0) -> Tensor:
         """Logits (B, T, vocab) for tokens idx (B, T) at positions input_pos; (B, 1, vocab) if last_only.
 
         input_pos is (T,), the same positions for every row, or (B, T), each row its own (a batch of requests
@@ -361,7 +373,8 @@ class Transformer(nn.Module):
         cache row holds beyond them (an earlier occupant's tokens, a padded tail) stays hidden. The batch uses
         cache rows cache_row..cache_row+B-1. key_mask (B, S), with (T,) positions, says which cache positions each
         row may attend to: rows of different lengths are left-padded and their padding masked. A padding position
-        still sees itself, so that its (unused) output stays finite.
+        still sees itself, so that its (unused) output stays finite. cache_row may instead be a tensor (B,) naming
+        each row's cache row (a server's running requests, wherever they sit).
         """
         assert self.max_seq_length > 0, "call setup_caches first"
         per_row = input_pos.dim() == 2

@@ -12,6 +12,7 @@ input, 404 for an unknown model, 503 with Retry-After when the queue is full.
 import argparse
 import asyncio
 import json
+import signal
 import threading
 import time
 import uuid
@@ -34,7 +35,8 @@ from engine import Engine, Metrics, Output, QueueFull, Sampling
 from engine import Request as EngineRequest
 from generate import (
     DEFAULT_CHECKPOINT,
-    compile_step,
+    MIN_ROWS,
+    compile_decode_rows,
     decode_rows,
     load_model,
     resolve_device,
@@ -210,33 +212,12 @@ def sse(obj) -> str:
 
 # ---- the app ------------------------------------------------------------------------------------------------
 
-def create_app(load: Callable[[], Served], on_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
-    """The FastAPI app; load() builds what it serves, in a background thread started with the app (/health is 503
-    until it returns), and the engine then runs in a thread of its own until the app stops. A load that fails is
-    reported by /health and every endpoint, and passed to on_failure (server.py's main stops the server)."""
-    state: dict = {}
-    stop = threading.Event()
-
-    def start():
-        try:
-            served = load()
-            threading.Thread(target=served.engine.run, args=(stop,), daemon=True, name="engine").start()
-            state["served"] = served
-        except Exception as e:
-            state["failed"] = f"{type(e).__name__}: {e}"
-            if on_failure is not None:
-                on_failure(e)
-
-    async def lifespan(app):
-        threading.Thread(target=start, daemon=True, name="load").start()
-        yield
-        stop.set()
-
-    app = FastAPI(title="fastllama", lifespan=lifespan, version="1")
+def create_app(state: dict) -> FastAPI:
+    """The FastAPI app over what state["served"] holds once the model is loaded (until then every endpoint, /health
+    included, is 503). The engine runs elsewhere (main: the main thread); the app only submits to it."""
+    app = FastAPI(title="fastllama", version="1")
 
     def ready() -> Served:
-        if "failed" in state:
-            raise APIError(503, f"the model did not load: {state['failed']}", kind="server_error")
         if "served" not in state:
             raise APIError(503, "the model is loading; retry shortly", kind="server_busy", headers={"Retry-After": "1"})
         return state["served"]
@@ -436,17 +417,18 @@ def prometheus(m: Metrics, running: int, waiting: int) -> str:
 
 # ---- the command ------------------------------------------------------------------------------------------
 
-def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: int, context: int,
-                chunk: int, max_queue: int, compile: bool, name: str | None, url: str) -> Served:
+def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: int, context: int, chunk: int,
+                prefill_budget: int, max_queue: int, compile: bool, name: str | None, url: str) -> Served:
     """Load the model, build the engine (compiling and warming up its decode step with --compile) and say so."""
     model, tokenizer = load_model(ckpt, device, precision), get_tokenizer(ckpt.folder)
-    step = compile_step(decode_rows, device) if compile else decode_rows
-    engine = Engine(model, tokenizer, rows=rows, context=context, chunk=chunk, decode_step=step, max_queue=max_queue)
-    if compile:  # compile now, not on the first request: every row idle, at the scratch position
-        t0 = time.perf_counter()
+    step = compile_decode_rows(device, rows) if compile else decode_rows
+    engine = Engine(model, tokenizer, rows=rows, context=context, chunk=chunk, prefill_budget=prefill_budget,
+                    decode_step=step, max_queue=max_queue)
+    if compile:  # compile now, not on the first request: the fewest rows it takes, each at its scratch position
+        t0, n = time.perf_counter(), min(MIN_ROWS, rows)
         with torch.no_grad():  # as the engine calls it
-            step(model, torch.zeros(rows, 1, dtype=torch.long, device=device),
-                 torch.full((rows, 1), context, device=device))
+            step(model, torch.zeros(n, 1, dtype=torch.long, device=device), torch.full((n, 1), context, device=device),
+                 torch.arange(n, device=device))
         tp.log(f"compiled the decode step in {time.perf_counter() - t0:.1f} s")
     if rows > GEMV_MAX_ROWS:
         tp.log(f"note: with more than {GEMV_MAX_ROWS} rows the decode step is a GEMM, not each row's GEMV: a "
@@ -459,28 +441,39 @@ def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: in
 
 
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, host: str = "127.0.0.1", port: int = 8000, rows: int = 8,
-         context: int | None = None, chunk: int = 64, max_queue: int = 64, compile: bool = False,
-         device: str | None = None, precision: str = "auto", model_name: str | None = None) -> None:
-    """Serve the checkpoint over HTTP until interrupted."""
-    if min(rows, chunk, max_queue + 1, port) < 1 or (context is not None and context < 2):
-        raise ValueError("--rows, --chunk and --port must be at least 1, --max_queue at least 0, --context at least 2")
+         context: int | None = None, chunk: int = 64, prefill_budget: int | None = None, max_queue: int = 64,
+         compile: bool = False, device: str | None = None, precision: str = "auto",
+         model_name: str | None = None) -> None:
+    """Serve the checkpoint over HTTP until interrupted (Ctrl-C) or terminated (SIGTERM).
+
+    The HTTP server runs in a thread and the engine in the main thread: OpenMP's parallel regions, which every kernel
+    of a step opens, cost several times more when started from any other thread (docs/features.md)."""
+    prefill_budget = prefill_budget or 4 * chunk
+    if min(rows, chunk, max_queue + 1, port) < 1 or (context is not None and context < 2) or prefill_budget < chunk:
+        raise ValueError("--rows, --chunk and --port must be at least 1, --max_queue at least 0, --context at least 2, "
+                         "--prefill_budget at least --chunk")
     ckpt = Checkpoint.open(checkpoint_path)  # a missing checkpoint is one line before the server starts
-    dev, url, failures = resolve_device(device), f"http://{host}:{port}", []
+    dev, url = resolve_device(device), f"http://{host}:{port}"
     # rows x context from memory.py: the context given, else the model's (at most 4096) cut to what fits; one line
     # with the numbers, before the server starts, for a setting that cannot fit
     precision = resolve_precision(precision, ckpt.quantization, dev)
     context = plan(Sizer.of(ckpt, precision, dev), available_bytes(dev), rows, context, chunk).context
-
-    def failed(e: BaseException) -> None:
-        failures.append(e)
+    state, stop = {}, threading.Event()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"))
+    http = threading.Thread(target=server.run, daemon=True, name="http")
+    http.start()
+    while not server.started:  # /health answers 503 while the model loads
+        if not http.is_alive():
+            raise ValueError(f"could not listen on {host}:{port} (is another server using the port?)")
+        time.sleep(0.02)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the step at hand, then stop
+    try:
+        state["served"] = load_served(ckpt, dev, precision, rows, context, chunk, prefill_budget, max_queue,
+                                      compile, model_name, url)
+        state["served"].engine.run(stop)
+    finally:
         server.should_exit = True
-
-    app = create_app(lambda: load_served(ckpt, dev, precision, rows, context, chunk, max_queue, compile,
-                                         model_name, url), on_failure=failed)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    server.run()
-    if failures:  # a user's mistake (a bad setting or file) becomes one line in run_cli; anything else a traceback
-        raise failures[0]
+        http.join(timeout=10)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -491,7 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=8, help="requests decoded together: rows of the KV cache")
     p.add_argument("--context", type=int, default=None,
                    help=f"positions per row (default: the model's, at most {DEFAULT_CONTEXT}, less if the memory asks)")
-    p.add_argument("--chunk", type=int, default=64, help="prompt tokens prefilled per engine iteration")
+    p.add_argument("--chunk", type=int, default=64,
+                   help="prompt pieces: prompts are prefilled in pieces cut at multiples of this, and reused by them")
+    p.add_argument("--prefill_budget", type=int, default=None,
+                   help="most prompt tokens computed per engine iteration, the most a decode step waits for "
+                        "(default: 4 x --chunk)")
     p.add_argument("--max_queue", type=int, default=64, help="requests that may wait for a row; more get 503")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (at startup)")
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")

@@ -113,17 +113,19 @@ def test_serve_measures_every_load_shape(smollm2_dir, tmp_path, capsys):
     folder = tmp_path / "ckpt"
     shutil.copytree(smollm2_dir, folder, ignore=shutil.ignore_patterns("model_int*", "model_gguf*", ".*"))
     rows = benchmark.main(checkpoint_path=folder, serve=True, eager=True, clients="1,2", rate=4.0, requests=4,
-                          max_new_tokens=5, rows=2, context=512, llama_server="", json_path=tmp_path / "s.json")
+                          max_new_tokens=5, rows=2, context=512, llama_server="", json_path=tmp_path / "s.json",
+                          prompt_sets="chat")
     assert (folder / "model_int4-g32.pth").is_file()  # a folder without the GGUF's blocks serves quantize.py's int4
-    assert [(r["system"], r["load"]) for r in rows] == [
-        ("fastllama", "1 client"), ("fastllama", "2 clients"), ("fastllama", "Poisson 4/s")]
+    loads = ("1 client", "2 clients", "Poisson 4/s", "1 arriving, 1 decoding")
+    assert [(r["system"], r["precision"], r["prompts"], r["load"]) for r in rows] == [
+        ("fastllama", "int4", "chat", load) for load in loads]
     for r in rows:
         assert (r["requests"], r["completed"], r["failed"], r["dropped"]) == (4, 4, 0, 0), r
         assert r["completion_tokens"] == 4 * 5 and r["prompt_tokens"] > 4 * 10
         assert r["requests_per_min"] > 0 and r["output_tok_s"] > 0
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["e2e_p99_s"] and r["tpot_p50_s"] > 0 and r["itl_p90_s"] > 0
     assert json.loads((tmp_path / "s.json").read_text()) == rows
-    assert "| 2 clients |" in capsys.readouterr().out
+    assert "| chat | 2 clients |" in capsys.readouterr().out
 
 
 def test_serve_summary_counts_failed_and_dropped():
@@ -138,8 +140,9 @@ def test_serve_summary_counts_failed_and_dropped():
     assert s["tpot_p50_s"] == pytest.approx(0.1) and s["e2e_p90_s"] == 0.7
 
 
-def test_serve_prompts_and_load_shapes(tmp_path):
-    from serve_bench import load_prompts, loads
+def test_serve_prompts_and_load_shapes(tmp_path, tiny_llama):
+    from serve_bench import load_prompts, loads, long_prompts
+    from tokenizer import get_tokenizer
 
     chats = load_prompts()
     assert len(chats) == 100 and all(c[-1]["role"] == "user" for c in chats)
@@ -148,6 +151,13 @@ def test_serve_prompts_and_load_shapes(tmp_path):
     assert any(c[0]["role"] == "system" for c in chats) and any(len(c) == 3 for c in chats)  # multi-turn ones
     assert loads([1, 8], 2.0) == [("1 client", "closed", 1), ("8 clients", "closed", 8),
                                   ("Poisson 2/s", "poisson", 2.0)]
+    assert loads([2], None, 7) == [("2 clients", "closed", 2), ("1 arriving, 7 decoding", "arrivals", 7)]
+    tok = get_tokenizer(tiny_llama[1])
+    long = long_prompts(tiny_llama[1], n=5, shortest=100, longest=300)
+    assert long == long_prompts(tiny_llama[1], n=5, shortest=100, longest=300)  # the same prompts every run
+    texts = [c[0]["content"].split("\n\n", 1)[1] for c in long]
+    sizes = sorted(len(tok.encode(t, add_special_tokens=False)) for t in texts)
+    assert len(set(texts)) == 5 and all(abs(n - want) <= 3 for n, want in zip(sizes, (100, 150, 200, 250, 300))), sizes
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"messages": []}\nnot json\n')
     with pytest.raises(ValueError, match="p.jsonl:2"):
@@ -161,7 +171,8 @@ def test_serve_against_llama_server(smollm2_dir, smollm2_gguf):
     """Where llama-server is installed: ours on the GGUF's own Q4_1 blocks, llama-server on the GGUF, both answer
     every request of the same load in full."""
     rows = benchmark.main(checkpoint_path=smollm2_dir, serve=True, eager=True, clients="2", rate=0, requests=4,
-                          max_new_tokens=6, rows=2, context=512, gguf=smollm2_gguf)
-    assert sorted(r["system"] for r in rows) == ["fastllama", "llama.cpp"]
+                          max_new_tokens=6, rows=2, context=512, gguf=smollm2_gguf, prompt_sets="chat")
+    assert sorted((r["system"], r["load"]) for r in rows) == [
+        (system, load) for system in ("fastllama", "llama.cpp") for load in ("1 arriving, 1 decoding", "2 clients")]
     for r in rows:
         assert (r["completed"], r["failed"], r["dropped"], r["completion_tokens"]) == (4, 0, 0, 24), r

@@ -7,7 +7,15 @@ from hypothesis import strategies as st
 
 from checkpoint import Checkpoint
 from engine import Engine, QueueFull, Request, Sampling, StopText
-from generate import compile_step, decode_one_token, decode_rows, generate, load_model, prefill_pieces
+from generate import (
+    compile_decode_rows,
+    compile_step,
+    decode_one_token,
+    decode_rows,
+    generate,
+    load_model,
+    prefill_pieces,
+)
 from tokenizer import get_tokenizer
 
 CHUNK, ROWS, CONTEXT = 32, 4, 128
@@ -113,7 +121,7 @@ def test_batching_is_exact(tiny, reset_dynamo, logits_seen, compiled):
     are bit for bit those it gets alone in an engine with nothing else and nothing cached (the same arithmetic
     whatever else is in the batch or was computed before it), eager and compiled."""
     model, alone, tok = tiny
-    step = compile_step(decode_rows, torch.device("cpu")) if compiled else decode_rows
+    step = compile_decode_rows(torch.device("cpu"), ROWS) if compiled else decode_rows
     ref_step = compile_step(decode_one_token, torch.device("cpu")) if compiled else None
     expected = {}
 
@@ -255,7 +263,7 @@ def test_every_checkpoint_kind_batches_exactly(tiny_llama, tiny_quantized, reset
 
 
 def check_kind(model, alone, tok, compiled: bool, logits_seen: dict, vocab: int = 500) -> None:
-    step = compile_step(decode_rows, torch.device("cpu")) if compiled else decode_rows
+    step = compile_decode_rows(torch.device("cpu"), ROWS) if compiled else decode_rows
     ref_step = compile_step(decode_one_token, torch.device("cpu")) if compiled else None
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (70, 9, 40)]

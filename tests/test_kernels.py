@@ -38,7 +38,8 @@ def test_op_table_schemas_fakes_and_references():
     mask = torch.ones(2, 40, dtype=torch.bool)
     args = {"int8_linear": (x, *q8[0]), "int8_glu": (x, *q8[0], *q8[1]), "int4_linear": (x, *q4),
             "dense_linear": (x, w1), "dense_glu": (x, w1, w3),
-            "decode_attention": (torch.randn(2, 4, 64), torch.randn(2, 2, 40, 64), torch.randn(2, 2, 40, 64), mask)}
+            "decode_attention": (torch.randn(2, 4, 64), torch.randn(3, 2, 40, 64), torch.randn(3, 2, 40, 64), mask,
+                                 torch.tensor([2, 0]))}
     assert args.keys() == kernels.OPS.keys()
     for name, op in kernels.OPS.items():
         packet = getattr(torch.ops.fastllama, name)
@@ -47,13 +48,13 @@ def test_op_table_schemas_fakes_and_references():
         got, ref, fake = packet(*args[name]), op.reference(*args[name]), op.fake(*args[name])
         assert got.shape == ref.shape == fake.shape and got.dtype == ref.dtype == fake.dtype
         torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
-    x40 = torch.randn(40, 128)  # prefill rows: the C++ GEMM where the CPU's dense_gemm says, else the reference
+    x40 = torch.randn(40, 128)  # prefill rows: the C++ GEMM where the CPU's gemm says, else the reference
     for cpu in CPUS:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(kernels, "this_cpu", lambda: cpu)
             for name in ("int8_linear", "int8_glu", "int4_linear", "dense_linear", "dense_glu"):
                 rest = args[name][1:]
-                assert kernels.OPS[name].takes(x40, *rest) == cpu.dense_gemm
+                assert kernels.OPS[name].takes(x40, *rest) == cpu.gemm(None if "int" in name else rest[0].dtype)
                 ref = kernels.OPS[name].reference(x40, *rest)
                 close(kernels.run(name, x40, *rest), ref, 1e-5)
 
@@ -279,9 +280,9 @@ def test_half_prefill_in_float32_matches_half_linear(dtype, monkeypatch):
 
 
 def test_half_model_prefill_matches_plain_half_model(tiny_llama, monkeypatch):
-    """load_model swaps bf16 Linears for CpuLinear (tied weights stay shared). With the CPU forced to one without bf16
-    arithmetic (and no dense GEMM), prefill runs in float32, and its logits are as close to the float32 model's as the
-    plain bf16 computation's (the CPU forced to one with bf16 arithmetic) are."""
+    """load_model swaps bf16 Linears for CpuLinear (tied weights stay shared). Without the C++ kernels and with the CPU
+    forced to one without bf16 arithmetic, prefill runs in float32 (float_linear), and its logits are as close to the
+    float32 model's as the plain bf16 computation's (the CPU forced to one with bf16 arithmetic) are."""
     _, folder = tiny_llama
     model = load_model(folder, "cpu", "bf16")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -305,6 +306,7 @@ def test_half_model_prefill_matches_plain_half_model(tiny_llama, monkeypatch):
             return m(idx, torch.arange(40)).float()
 
     ref = logits(load_model(folder, "cpu", "fp32"), Cpu("AVX512", False))
+    model = load_without_kernels(folder, "bf16", monkeypatch)
     fast = logits(model, Cpu("AVX512", False))
     assert gemm_dtypes == {torch.float32}
     plain = logits(model, Cpu("AVX512", True))
@@ -414,7 +416,7 @@ def test_float_model_runs_the_kernels_where_the_table_says(tiny_llama, monkeypat
         calls.append({e.key for e in prof.key_averages() if e.key.startswith("fastllama::dense")})
         outs.append((prefill, step, generate(m, idx, 10, temperature=0.0).tolist()))
     both = {"fastllama::dense_linear", "fastllama::dense_glu"}
-    assert calls == [both if cpu.dense_gemm else set(), both, set(), set()]
+    assert calls == [both if cpu.gemm(model.dtype) else set(), both, set(), set()]
     (p1, s1, t1), (p2, s2, t2) = outs
     tol = 1e-2 if precision == "bf16" else 1e-5  # bf16 outputs a rounding step apart at most
     close(p1, p2, tol)
@@ -478,7 +480,8 @@ def test_fused_glu_steps_aside_for_hooks_on_w1_and_w3(tiny_llama, tiny_quantized
 def test_decode_attention_kernel_matches_reference(dtype, B, H, KV, S, D):
     """One query position over a KV cache: the C++ kernel against model.decode_attention in float32, for
     causal prefixes of different lengths per row, a sliding-window hole, left padding and a shared mask; long caches
-    are split into chunks of positions (merged exactly), also when a row has fewer visible positions than chunks."""
+    are split into chunks of positions (merged exactly), also when a row has fewer visible positions than chunks. Over
+    a whole cache of more rows, each query row reading the row `rows` names, the result is the same, bit for bit."""
     import model
 
     assert kernels.cpu_kernels()
@@ -497,6 +500,12 @@ def test_decode_attention_kernel_matches_reference(dtype, B, H, KV, S, D):
         assert got.shape == q.shape and got.dtype == dtype
         tol = 2e-6 if dtype == torch.float32 else 1e-2  # float32 arithmetic throughout; the result rounded to dtype
         torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+        rows = torch.randperm(B + 2)[:B]  # the same rows inside a cache of B + 2, in another order
+        whole_k, whole_v = torch.randn(B + 2, KV, S, D).to(dtype), torch.randn(B + 2, KV, S, D).to(dtype)
+        whole_k[rows], whole_v[rows] = k, v
+        assert torch.equal(layers.cpu_decode_attention(q, whole_k, whole_v, mask4, rows), got)
+        torch.testing.assert_close(model.decode_attention(q.float(), whole_k.float(), whole_v.float(), mask4, rows),
+                                   ref, rtol=0, atol=0)
 
 
 @needs_avx2
