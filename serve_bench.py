@@ -173,17 +173,17 @@ def poisson(port: int, prompts: list, rate: float, requests: int, max_tokens: in
 
 def arrivals(port: int, prompts: list, busy: int, requests: int, max_tokens: int,
              time_limit: float = 600.0) -> tuple[list[Reply], float]:
-    """`requests` requests one after another, each sent while `busy` other clients decode (closed loops of answers
-    4 x max_tokens long, started first; each request waits until all of them have their first token): the
-    requests' replies (not the busy clients') and the wall time."""
+    """`requests` requests one after another (prompts[:requests]), each sent while `busy` other clients decode (closed
+    loops of answers 4 x max_tokens long on the prompts after those, started first; each request waits until all of
+    them have their first token): the requests' replies (not the busy clients') and the wall time."""
     stop, lock, decoding, replies = threading.Event(), threading.Lock(), set(), []
     t0 = time.perf_counter()
 
     def client(k):
         j = 0
         while not stop.is_set() and time.perf_counter() - t0 < time_limit:
-            chat(port, prompts[(1000 + 7 * k + j) % len(prompts)], 4 * max_tokens, seed=1000 + k,
-                 on_first=lambda: decoding.add(k))
+            chat(port, prompts[requests + (k + busy * j) % (len(prompts) - requests)], 4 * max_tokens,
+                 seed=1000 + k, on_first=lambda: decoding.add(k))
             j += 1
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(busy)]
@@ -290,13 +290,19 @@ def loads(clients: list[int], rate: float | None, busy: int | None = None) -> li
 def run(servers: dict[str, int], shapes: list, prompt_sets: dict[str, list], requests: int, max_tokens: int,
         time_limit: float = 600.0) -> list[dict]:
     """Each load shape with each prompt set on every server (name -> port), the servers alternating which goes first
-    from one load to the next; one warm-up request per server first. Rows: {"system", "prompts", "load",
-    ...summarize()}."""
+    from one load to the next; one warm-up request per server first. Each load takes the next prompts of its set
+    (both systems the same ones), so that no prompt comes again before the set is used up: a server that caches
+    earlier prompts (llama-server keeps 8 GiB of them in RAM) is measured computing them, as on distinct requests.
+    Rows: {"system", "prompts", "load", ...summarize()}."""
     for port in servers.values():
-        chat(port, next(iter(prompt_sets.values()))[0], max_tokens, seed=0)
+        chat(port, [{"role": "user", "content": "Hello!"}], max_tokens, seed=0)
     rows, names, k = [], list(servers), 0
-    for set_name, prompts in prompt_sets.items():
+    for set_name, chats in prompt_sets.items():
+        cursor = 0
         for label, kind, value in shapes:
+            need = requests + (int(value) * 8 if kind == "arrivals" else 0)  # busy clients' answers: ~8 each at most
+            prompts = [chats[(cursor + i) % len(chats)] for i in range(need)]
+            cursor += need
             for name in names if k % 2 == 0 else names[::-1]:
                 port = servers[name]
                 if kind == "closed":
@@ -378,7 +384,7 @@ def main_serve(checkpoint: Path, precisions: list[str], prompt_sets: list[str], 
     if llama_server and binary is None:
         raise ValueError(f"--llama_server {llama_server!r} not found; build it as docs/benchmarks.md says")
     folder = Checkpoint.open(checkpoint).folder
-    sets = {"chat": lambda: load_prompts(prompts), "long": lambda: long_prompts(folder, max(requests, 8))}
+    sets = {"chat": lambda: load_prompts(prompts), "long": lambda: long_prompts(folder, 256)}
     chats = {name: sets[name]() for name in prompt_sets}
     rows_out = []
     for precision in precisions:
