@@ -5,22 +5,25 @@
 // 32 (quantize_x) so that products are integer multiply-adds, and scale each block's integer dot once.
 // A decode step of M <= 16 rows (GEMV_MAX_ROWS) unpacks each weight vector once for a tile of rows of x, and
 // every row's result is bit for bit what it would be alone (a request's output never depends on its batch).
-// More rows (prefill) go to one float32 GEMM (gemm) on panels unpacked from each weight format.
+// More rows (prefill) go to one float32 GEMM (gemm) on panels unpacked from each weight format; its register tile is
+// written once over the vector width (kernels_vec.h) and runs at AVX2's 8 floats or AVX-512's 16 (kernels_avx512.cpp),
+// as the ops' `width` says, with the same bits.
 //
 //   int8_linear(x (M, K) float/bf16, w (N, K) int8, scales (N / 8, G, 8) float32) -> (M, N) in x's dtype
 //       y = x16 @ (w * scales[:, k // (K / G)]).T     x16: x rounded to int16 per block (error ~1e-5 relative)
 //       G = 1: per channel; G = K / 32: Q8_0-like. Rows in groups of 8, computed together in the 8 lanes of a vector.
-//       M > 16: y = x @ (w * scales).T in float32 (the GEMM on pack16_int8's panels)
+//       M > 16: y = x @ (w * scales).T in float32 (the GEMM on pack_int8's panels)
 //   int8_glu(x, w1, s1, w3, s3) -> silu(int8_linear(x, w1, s1)) * int8_linear(x, w3, s3), in one call
 //   int4_linear(x (M, K), w (N, K / 2) uint8, dm (N / 8, 2, G, 8) float16) -> (M, N)
 //       y = x16 @ (q * d + m).T with (d, m) per group (llama.cpp's Q4_1 arithmetic), dm (N / 8, 2, G, 8):
 //       rows in groups of 8, each group's outputs computed together in the 8 lanes of one vector.
-//       M > 16: y = x @ (q * d + m).T in float32 (pack16_int4's panels)
+//       M > 16: y = x @ (q * d + m).T in float32 (pack_int4's panels)
 //   dense_linear(x (M, K), w (N, K) float32 or bf16, as stored) -> (M, N) in x's dtype: x @ w.T in float32 sums;
-//       x float32, or bf16 with a bf16 w. M <= 16: GEMVs (dense_rows); more rows: the GEMM on pack16's panels
+//       x float32, or bf16 with a bf16 w. M <= 16: GEMVs (dense_rows); more rows: the GEMM on pack's panels
 //   dense_glu(x, w1, w3) -> silu(x @ w1.T) * (x @ w3.T), in one call
 //
-// torch.ops.fastllama.*: kernels.py defines their schemas, builds this file and holds the PyTorch reference.
+// torch.ops.fastllama.*: kernels.py defines their schemas, builds this file (with kernels_avx512.cpp) and holds the
+// PyTorch reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -36,6 +39,14 @@
 #include <utility>
 #include <vector>
 
+#include "kernels_vec.h"  // exp_neg, silu_mul, round_bf16, store, glu and the GEMM tile, written over the vector width
+
+namespace fastllama_avx512 {  // kernels_avx512.cpp: kernels_vec.h's GEMM tile compiled for AVX-512
+void block(const float* x, int64_t K, int64_t rows, const float* p, float* y, int64_t N, int64_t cols, bool glu);
+void block(const float* x, int64_t K, int64_t rows, const float* p, uint16_t* y, int64_t N, int64_t cols, bool glu);
+int panel();
+}  // namespace fastllama_avx512
+
 namespace {
 
 inline float hsum(__m256 v) {
@@ -43,28 +54,6 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-// e^x for x <= 0 (Cephes' expf: 2^n times a degree-6 polynomial of the remainder; relative error ~1e-7)
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-// silu(g) * u = g * sigmoid(g) * u, sigmoid from e = e^-|g| (exp8 wants x <= 0): 1 / (1 + e) for g >= 0, e / (1 + e) below
-inline __m256 silu_mul(__m256 g, __m256 u) {
-  const __m256 e = exp8(_mm256_or_ps(_mm256_set1_ps(-0.f), g));  // e^-|g|
-  const __m256 num = _mm256_blendv_ps(_mm256_set1_ps(1.f), e, g);  // blendv picks e where g's sign bit is set
-  return _mm256_mul_ps(_mm256_mul_ps(g, _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.f), e))), u);
 }
 
 // Activations rounded to int16 per block of 32: x[k] ~= q[k] * d[k / 32], d = max |x| / qmax over the block.
@@ -380,28 +369,13 @@ inline void dots(const float* x, int64_t K, const typename W::T* const* w, float
     for (int s = 0; s < S; ++s) out[r * S + s] = hsum(_mm256_add_ps(a[r][s][0], a[r][s][1]));
 }
 
-// float32 values rounded to the nearest bf16 (ties to even), kept as float32: what a bf16 output would hold. NaN gives
-// the quiet NaN 0x7FC0, as Tensor.to(bfloat16) does (the integer rounding could turn a NaN into inf).
-inline __m256 round_bf16(__m256 v) {
-  const __m256i b = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-  const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xFFFF0000))));
-  return _mm256_blendv_ps(rounded, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-}
+// y's 8 floats from v, as float32 or bf16 (kernels_vec.h's store); silu(g) * u as a y of type T would get it (glu)
+inline void store8(float* y, __m256 v) { store(y, v, 8); }
+inline void store8(at::BFloat16* y, __m256 v) { store(reinterpret_cast<uint16_t*>(y), v, 8); }
 
-inline void store8(float* y, __m256 v) { _mm256_storeu_ps(y, v); }
-inline void store8(at::BFloat16* y, __m256 v) {  // the high halves of round_bf16's floats
-  const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(round_bf16(v)), 16);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
-}
-
-// silu(g) * u for the products g = x @ w1.T, u = x @ w3.T; for a bf16 output both are rounded to bf16 first, as two
-// bf16 linears would give them to silu and the multiply
 template <typename T>
 inline __m256 glu8(__m256 g, __m256 u) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) g = round_bf16(g), u = round_bf16(u);
-  return silu_mul(g, u);
+  return glu<std::conditional_t<std::is_same_v<T, at::BFloat16>, uint16_t, float>>(g, u);
 }
 
 void check_dense(const at::Tensor& x, const at::Tensor& w, const char* op) {
@@ -485,124 +459,112 @@ inline void transpose8(__m256 r[8]) {
   r[6] = _mm256_permute2f128_ps(s2, s6, 0x31), r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// A panel: `rows` (<= 16) rows of w as float32, transposed to p[k][16] (rows past `rows` zero), so that tile() loads
-// each input's 16 weights with two aligned loads. Made per 8 x 8 block: 8 loads of 8 inputs, one transpose.
+// A panel: `rows` (<= W) rows of w as float32, transposed to p[k][W] (rows past `rows` zero), so that the tile
+// (kernels_vec.h) loads each input's W weights with aligned loads. Made per 8 x 8 block: 8 loads of 8 inputs, one
+// transpose. W: the tile's panel width, 16 (AVX2) or 32 (AVX-512).
 template <typename W>
-void pack16(const typename W::T* w, int64_t K, int64_t rows, float* p) {
+void pack(const typename W::T* w, int64_t K, int64_t rows, int64_t width, float* p) {
   for (int64_t k = 0; k < K; k += 8)
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < width / 8; ++h) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) r[i] = h * 8 + i < rows ? W::load8(w + (h * 8 + i) * K + k) : _mm256_setzero_ps();
       transpose8(r);
-      for (int i = 0; i < 8; ++i) _mm256_store_ps(p + (k + i) * 16 + h * 8, r[i]);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(p + (k + i) * width + h * 8, r[i]);
     }
 }
 
-// R rows of y, `cols` (16 or 8) columns: x's R rows times G panels (G = 1: y = x @ w.T; G = 2: w1's and w3's panels,
-// y = glu8). R * G = 6: 12 accumulators, and per input 2 G panel loads and R broadcasts of x for 4 R G FMAs.
-template <int R, int G, typename T>
-inline void tile(const float* x, int64_t K, const float* p, T* y, int64_t N, int64_t cols) {
-  __m256 a[R][G][2];  // registers, if every loop over its indices is unrolled (GCC -O3 leaves some loops for later)
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
-    for (int g = 0; g < G; ++g) a[r][g][0] = a[r][g][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 b[G][2];
-    #pragma GCC unroll 16
-    for (int g = 0; g < G; ++g) b[g][0] = _mm256_load_ps(p + g * K * 16 + k * 16), b[g][1] = _mm256_load_ps(p + g * K * 16 + k * 16 + 8);
-    #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m256 v = _mm256_broadcast_ss(x + r * K + k);
-      #pragma GCC unroll 16
-      for (int g = 0; g < G; ++g)
-        a[r][g][0] = _mm256_fmadd_ps(v, b[g][0], a[r][g][0]), a[r][g][1] = _mm256_fmadd_ps(v, b[g][1], a[r][g][1]);
-    }
-  }
-  #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    store8(y + r * N, G == 1 ? a[r][0][0] : glu8<T>(a[r][0][0], a[r][G - 1][0]));
-    if (cols == 16) store8(y + r * N + 8, G == 1 ? a[r][0][1] : glu8<T>(a[r][0][1], a[r][G - 1][1]));
-  }
+// The GEMM's work item at a vector width: kernels_vec.h's block, from this file (AVX2, panels of 16) or from
+// kernels_avx512.cpp (panels of 32)
+struct Width {
+  int64_t panel;  // columns of a panel
+  void (*f32)(const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t, bool);
+  void (*bf16)(const float*, int64_t, int64_t, const float*, uint16_t*, int64_t, int64_t, bool);
+};
+
+Width width_of(int64_t width) {
+  if (width == 16)
+    return {fastllama_avx512::panel(), &fastllama_avx512::block, &fastllama_avx512::block};
+  return {kPanel, &block<float>, &block<uint16_t>};
 }
 
-// `rows` rows of y against the panels: R at a time, then the rest by a smaller tile
-template <int R, int G, typename T>
-void tiles(const float* x, int64_t K, int64_t rows, const float* p, T* y, int64_t N, int64_t cols) {
-  if constexpr (R > 0) {
-    int64_t m = 0;
-    for (; m + R <= rows; m += R) tile<R, G>(x + m * K, K, p, y + m * N, N, cols);
-    if (m < rows) tiles<R - 1, G>(x + m * K, K, rows - m, p, y + m * N, N, cols);
-  }
+// The op's `width` argument: the GEMM's vector width in floats, 8 (AVX2) or 16 (AVX-512, where the CPU has it);
+// 0, the schema's default, is 8 (a default kernels.run never passes, as the tile's: kernels.OPS says why)
+inline int64_t check_width(int64_t width) {
+  TORCH_CHECK(width == 0 || width == 8 || width == 16, "width must be 8 or 16");
+  TORCH_CHECK(width != 16 || (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")),
+              "width 16 needs a CPU with AVX-512 F, BW, DQ and VL");
+  return width == 0 ? 8 : width;
 }
 
-// y (M, N) = x @ w1.T, or glu8(x @ w1.T, x @ w3.T) when glu, for float32 x (M, K). pack(w, j, cols, p) writes the
-// panel of rows j..j + cols of weight w (0: w1, 1: w3) to p, as pack16 does: any weight format whose rows can be
-// unpacked to float32 uses this one GEMM. Work items: a block of at most 384 rows of x (384 x K floats stay in L3)
-// times one panel of 16 rows of each weight (K x 16 floats, in L2). Packing widens each weight once per block,
-// against 2 x 16 x (block rows) FLOPs per weight (measured against MKL: docs/kernels.md).
+// y (M, N) = x @ w1.T, or glu(x @ w1.T, x @ w3.T) when glu, for float32 x (M, K); T: y's type, float or bf16.
+// pack(w, j, cols, p) writes the panel of rows j..j + cols of weight w (0: w1, 1: w3) to p, as pack() does with the
+// width's panel columns: any weight format whose rows can be unpacked to float32 uses this one GEMM. Work items: a
+// block of at most 384 rows of x (384 x K floats stay in L3) times one panel of each weight (K x 16 or 32 floats, in
+// L2). Packing widens each weight once per block, against 2 x (block rows) FLOPs per weight (measured against MKL:
+// docs/kernels.md). Every output is one chain of multiply-adds over k at either width: the same bits.
 template <typename T, typename P>
-void gemm(const float* x, int64_t M, int64_t N, int64_t K, bool glu, const P& pack, T* y) {
-  const int64_t panels = (N + 15) / 16, blocks = (M + 383) / 384;
+void gemm(const float* x, int64_t M, int64_t N, int64_t K, bool glu, const P& pack_panel, T* y, int64_t width) {
+  const Width wd = width_of(width);
+  const int64_t panels = (N + wd.panel - 1) / wd.panel, blocks = (M + 383) / 384;
   const int64_t mc = (M + blocks - 1) / blocks;
   parallel_chunks(blocks * panels, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> buf;  // the panels; lives as long as the thread
-    buf.resize((glu ? 2 : 1) * K * 16 + 16);
+    buf.resize((glu ? 2 : 1) * K * wd.panel + 16);
     float* p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t m0 = it / panels * mc, rows = std::min(mc, M - m0), j = it % panels * 16;
-      const int64_t cols = std::min<int64_t>(16, N - j);
-      pack(0, j, cols, p);
-      if (glu) {
-        pack(1, j, cols, p + K * 16);
-        tiles<3, 2>(x + m0 * K, K, rows, p, y + m0 * N + j, N, cols);
-      } else {
-        tiles<6, 1>(x + m0 * K, K, rows, p, y + m0 * N + j, N, cols);
-      }
+      const int64_t m0 = it / panels * mc, rows = std::min(mc, M - m0), j = it % panels * wd.panel;
+      const int64_t cols = std::min<int64_t>(wd.panel, N - j);
+      pack_panel(0, j, cols, wd.panel, p);
+      if (glu) pack_panel(1, j, cols, wd.panel, p + K * wd.panel);
+      if constexpr (std::is_same_v<T, float>)
+        wd.f32(x + m0 * K, K, rows, p, y + m0 * N + j, N, cols, glu);
+      else
+        wd.bf16(x + m0 * K, K, rows, p, reinterpret_cast<uint16_t*>(y + m0 * N + j), N, cols, glu);
     }
   });
 }
 
 template <typename W, typename T>
-void dense_gemm(const float* x, int64_t M, const at::Tensor& w1, const at::Tensor* w3, T* y) {
+void dense_gemm(const float* x, int64_t M, const at::Tensor& w1, const at::Tensor* w3, T* y, int64_t width) {
   using WT = typename W::T;
   const int64_t K = w1.size(1);
   const WT* wp[2] = {reinterpret_cast<const WT*>(w1.data_ptr()), w3 ? reinterpret_cast<const WT*>(w3->data_ptr()) : nullptr};
-  gemm(x, M, w1.size(0), K, w3 != nullptr, [&](int w, int64_t j, int64_t cols, float* p) {
-    pack16<W>(wp[w] + j * K, K, cols, p);
-  }, y);
+  gemm(x, M, w1.size(0), K, w3 != nullptr, [&](int w, int64_t j, int64_t cols, int64_t panel, float* p) {
+    pack<W>(wp[w] + j * K, K, cols, panel, p);
+  }, y, width);
 }
 
-// Panels from the int8 layout (int8_rows8): rows j..j + cols (cols 8 or 16: one or two groups of 8 rows) as
-// float(w) * s, what dequantize_int8 gives. Per pair i of inputs, the group's 16 bytes (8 rows x 2 inputs) are
-// shuffled to the 8 rows' even input, then their odd one, each widened to float32 and scaled.
-void pack16_int8(const int8_t* w, const float* s, int64_t K, int64_t G, int64_t cols, float* p) {
+// Panels from the int8 layout (int8_rows8): rows j..j + cols (groups of 8 rows) as float(w) * s, what dequantize_int8
+// gives. Per pair i of inputs, a group's 16 bytes (8 rows x 2 inputs) are shuffled to the 8 rows' even input, then their
+// odd one, each widened to float32 and scaled.
+void pack_int8(const int8_t* w, const float* s, int64_t K, int64_t G, int64_t cols, int64_t width, float* p) {
   const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   const int64_t per = K / G;
-  for (int h = 0; h < 2; ++h)
+  for (int h = 0; h < width / 8; ++h)
     for (int64_t i = 0; i < K / 2; ++i) {
-      float* dst = p + 2 * i * 16 + h * 8;
+      float* dst = p + 2 * i * width + h * 8;
       if (h * 8 >= cols) {
-        _mm256_store_ps(dst, _mm256_setzero_ps()), _mm256_store_ps(dst + 16, _mm256_setzero_ps());
+        _mm256_store_ps(dst, _mm256_setzero_ps()), _mm256_store_ps(dst + width, _mm256_setzero_ps());
         continue;
       }
       const __m128i v = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + h * 8 * K + 16 * i)), split);
       const __m256 sc = _mm256_loadu_ps(s + h * 8 * G + 8 * (2 * i / per));
       _mm256_store_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), sc));
-      _mm256_store_ps(dst + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), sc));
+      _mm256_store_ps(dst + width, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), sc));
     }
 }
 
 // Panels from the int4 layout (int4_rows8): q * d + m per group, what dequantize_int4_kernel gives. In each 32-byte
 // vector p of a block, int32 lane r holds row r's inputs 4 p + j (low nibbles) and 4 p + 16 + j (high), j = 0..3.
-void pack16_int4(const uint8_t* w, const uint16_t* dm, int64_t K, int64_t G, int64_t cols, float* out) {
+void pack_int4(const uint8_t* w, const uint16_t* dm, int64_t K, int64_t G, int64_t cols, int64_t width, float* out) {
   const __m256i low = _mm256_set1_epi32(0x0F);
   const int64_t bpg = K / 32 / G;
-  for (int h = 0; h < 2; ++h)
+  for (int h = 0; h < width / 8; ++h)
     for (int64_t b = 0; b < K / 32; ++b) {
-      float* dst = out + 32 * b * 16 + h * 8;
+      float* dst = out + 32 * b * width + h * 8;
       if (h * 8 >= cols) {
-        for (int k = 0; k < 32; ++k) _mm256_store_ps(dst + 16 * k, _mm256_setzero_ps());
+        for (int k = 0; k < 32; ++k) _mm256_store_ps(dst + width * k, _mm256_setzero_ps());
         continue;
       }
       const uint16_t* g = dm + h * 16 * G;
@@ -614,7 +576,7 @@ void pack16_int4(const uint8_t* w, const uint16_t* dm, int64_t K, int64_t G, int
           for (int half = 0; half < 2; ++half) {
             const __m256i q = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j + 4 * half), low);
             const __m256 wq = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
-            _mm256_store_ps(dst + (4 * pp + 16 * half + j) * 16, _mm256_add_ps(wq, m));
+            _mm256_store_ps(dst + (4 * pp + 16 * half + j) * width, _mm256_add_ps(wq, m));
           }
       }
     }
@@ -631,18 +593,18 @@ constexpr int64_t kGemvMaxRows = FASTLLAMA_GEMV_MAX_ROWS;  // more rows than thi
 // group side by side, so x is rounded once and the (M, N) result is written once, instead of two int8_linear calls
 // and a pointwise op.
 at::Tensor int8_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor* w3,
-                     const at::Tensor* s3, int64_t tile) {
+                     const at::Tensor* s3, int64_t tile, int64_t width) {
   const int64_t M = x.size(0), N = w1.size(0), K = w1.size(1), G = s1.size(1);
-  tile = check_tile(tile);
+  tile = check_tile(tile), width = check_width(width);
   const at::Tensor xf = as_float(x);
   at::Tensor y = at::empty({M, N}, xf.options());
   const float* sp[2] = {s1.data_ptr<float>(), s3 ? s3->data_ptr<float>() : nullptr};
   const int8_t* wp[2] = {w1.data_ptr<int8_t>(), w3 ? w3->data_ptr<int8_t>() : nullptr};
   float* yp = y.data_ptr<float>();
   if (M > kGemvMaxRows) {
-    gemm(xf.data_ptr<float>(), M, N, K, w3 != nullptr, [&](int w, int64_t j, int64_t cols, float* p) {
-      pack16_int8(wp[w] + j * K, sp[w] + j * G, K, G, cols, p);
-    }, yp);
+    gemm(xf.data_ptr<float>(), M, N, K, w3 != nullptr, [&](int w, int64_t j, int64_t cols, int64_t panel, float* p) {
+      pack_int8(wp[w] + j * K, sp[w] + j * G, K, G, cols, panel, p);
+    }, yp, width);
     return in_dtype(y, x.scalar_type());
   }
   const QuantizedInput& xin = quantize_input<Split::no>(xf, 0);
@@ -666,22 +628,23 @@ at::Tensor int8_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
   return in_dtype(y, x.scalar_type());
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t tile) {
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t tile,
+                       int64_t width) {
   check_int8(x, w, scales);
-  return int8_call(x, w, scales, nullptr, nullptr, tile);
+  return int8_call(x, w, scales, nullptr, nullptr, tile, width);
 }
 
 at::Tensor int8_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
-                    const at::Tensor& s3, int64_t tile) {
+                    const at::Tensor& s3, int64_t tile, int64_t width) {
   check_int8(x, w1, s1);
   check_int8(x, w3, s3);
   TORCH_CHECK(w3.sizes() == w1.sizes() && s3.sizes() == s1.sizes(), "int8_glu: w1 and w3 must have the same shapes");
-  return int8_call(x, w1, s1, &w3, &s3, tile);
+  return int8_call(x, w1, s1, &w3, &s3, tile, width);
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm, int64_t tile) {
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm, int64_t tile, int64_t width) {
   const int64_t M = x.size(0), N = w.size(0), K = 2 * w.size(1), G = dm.size(2);
-  tile = check_tile(tile);
+  tile = check_tile(tile), width = check_width(width);
   check(x, w, K);
   TORCH_CHECK(w.scalar_type() == at::kByte && dm.scalar_type() == at::kHalf && dm.is_contiguous() && N % 8 == 0 &&
               dm.dim() == 4 && dm.size(0) == N / 8 && dm.size(1) == 2 && dm.size(3) == 8 && K % G == 0 &&
@@ -692,9 +655,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   if (M > kGemvMaxRows) {
-    gemm(xf.data_ptr<float>(), M, N, K, false, [&](int, int64_t j, int64_t cols, float* p) {
-      pack16_int4(wp + j * K / 2, mp + 2 * j * G, K, G, cols, p);
-    }, yp);
+    gemm(xf.data_ptr<float>(), M, N, K, false, [&](int, int64_t j, int64_t cols, int64_t panel, float* p) {
+      pack_int4(wp + j * K / 2, mp + 2 * j * G, K, G, cols, panel, p);
+    }, yp, width);
     return in_dtype(y, x.scalar_type());
   }
   const QuantizedInput& xin = quantize_input<Split::bytes>(xf, G);  // s: sums of x per group, for the m terms
@@ -712,36 +675,36 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }
 
 template <typename W, typename T>
-void dense(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, int64_t tile, T* y) {
+void dense(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* w3, int64_t tile, int64_t width, T* y) {
   if (x.size(0) <= kGemvMaxRows) return dense_rows<W>(x, w1, w3, tile, y);
   const at::Tensor xf = as_float(x);
-  dense_gemm<W>(xf.data_ptr<float>(), x.size(0), w1, w3, y);
+  dense_gemm<W>(xf.data_ptr<float>(), x.size(0), w1, w3, y, width);
 }
 
-at::Tensor dense_call(const at::Tensor& xa, const at::Tensor& w1, const at::Tensor* w3, int64_t tile) {
-  tile = check_tile(tile);
+at::Tensor dense_call(const at::Tensor& xa, const at::Tensor& w1, const at::Tensor* w3, int64_t tile, int64_t width) {
+  tile = check_tile(tile), width = check_width(width);
   const at::Tensor x = xa.is_contiguous() ? xa : xa.contiguous();
   at::Tensor y = at::empty({x.size(0), w1.size(0)}, x.options());
   if (w1.scalar_type() == at::kFloat)
-    dense<Float32Weights>(x, w1, w3, tile, y.data_ptr<float>());
+    dense<Float32Weights>(x, w1, w3, tile, width, y.data_ptr<float>());
   else if (x.scalar_type() == at::kFloat)
-    dense<BFloat16Weights>(x, w1, w3, tile, y.data_ptr<float>());
+    dense<BFloat16Weights>(x, w1, w3, tile, width, y.data_ptr<float>());
   else
-    dense<BFloat16Weights>(x, w1, w3, tile, y.data_ptr<at::BFloat16>());
+    dense<BFloat16Weights>(x, w1, w3, tile, width, y.data_ptr<at::BFloat16>());
   return y;
 }
 
-at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, int64_t tile) {
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, int64_t tile, int64_t width) {
   check_dense(x, w, "dense_linear");
-  return dense_call(x, w, nullptr, tile);
+  return dense_call(x, w, nullptr, tile, width);
 }
 
-at::Tensor dense_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, int64_t tile) {
+at::Tensor dense_glu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, int64_t tile, int64_t width) {
   check_dense(x, w1, "dense_glu");
   check_dense(x, w3, "dense_glu");
   TORCH_CHECK(w1.sizes() == w3.sizes() && w1.scalar_type() == w3.scalar_type(),
               "dense_glu: w1 and w3 must have the same shape and dtype");
-  return dense_call(x, w1, &w3, tile);
+  return dense_call(x, w1, &w3, tile, width);
 }
 
 // ---- attention of one new token over the KV cache --------------------------------------------------------
@@ -797,7 +760,7 @@ std::pair<float, float> attend(const float* q, const T* k, const T* v, const int
   for (i = n; i < n8; ++i) sc[i] = mx;
   __m256 sum = _mm256_setzero_ps();
   for (i = 0; i < n8; i += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(mx)));
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(mx)));
     _mm256_storeu_ps(sc + i, e);
     sum = _mm256_add_ps(sum, e);
   }

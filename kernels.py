@@ -1,8 +1,9 @@
 """CPU fast paths: the C++ ops of kernels.cpp, when each one may run (OPS, the one table), their PyTorch reference,
 the kernels' weight layouts, weights in huge pages, and how a step is compiled on a CPU (compile_cpu).
 
-kernels.cpp is compiled once per source content with torch.utils.cpp_extension (in ~/.cache/torch_extensions/
-fastllama_kernels_<hash>, build_directory) the first time a model is loaded on an AVX2 CPU (cpu_kernels). Its ops,
+kernels.cpp (with kernels_avx512.cpp: the AVX-512 instance of the prefill GEMM's tile, kernels_vec.h) is compiled
+once per source content with torch.utils.cpp_extension (in ~/.cache/torch_extensions/fastllama_kernels_<hash>,
+build_directory) the first time a model is loaded on an AVX2 CPU (cpu_kernels). Its ops,
 torch.ops.fastllama.<name> for each name in OPS, are opaque to torch.compile (each entry's `fake` gives their
 shapes). `run(name, ...)` calls the op where its entry's `takes` says it may, else the entry's `reference`: the
 same math in plain PyTorch, which also runs wherever the kernels are not built (no AVX2, no compiler,
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 import cuda
 import model
 
-SOURCE = Path(__file__).resolve().with_name("kernels.cpp")
+SOURCES = [Path(__file__).resolve().with_name(n) for n in ("kernels.cpp", "kernels_avx512.cpp", "kernels_vec.h")]
 GEMV_MAX_ROWS = 16  # more rows than this are a prefill (GEMM); kernels.cpp gets it at build time
 
 
@@ -57,9 +58,8 @@ class Cpu:
     def gemm(self, weight: torch.dtype | None) -> bool:
         """Whether kernels.cpp's GEMM takes prefill rows of a weight of this dtype (None: int8 / int4). Quantized
         weights always: panels unpacked from their layouts beat dequantizing the whole layer for MKL on every CPU
-        measured (a Zen 5's 64-token int4 prompt pieces: 811 against 332 tok/s). float32 always: it beats MKL's
-        float32 GEMM on AVX2 and AVX-512 CPUs alike (Zen 5: 738 against 557 tok/s). bf16 only without bf16
-        arithmetic: with it, MKL's bf16 GEMM is ~1.8x faster than widening the weight to float32 (docs/kernels.md)."""
+        measured. float32 always: it beats MKL's float32 GEMM on AVX2 and AVX-512 CPUs alike. bf16 only without bf16
+        arithmetic: with it, MKL's bf16 GEMM beats widening the weight to float32 (docs/kernels.md has the figures)."""
         return weight != torch.bfloat16 or not self.half_arithmetic
 
 
@@ -153,7 +153,8 @@ class Op:
     fake: Callable  # the output's shape and dtype, for torch.compile
     reference: Callable  # the same math in PyTorch: the op's specification and its stand-in
     takes: Callable  # (the op's arguments) -> whether the C++ op may compute them
-    tuned: str | None = None  # row_tile's family: the op ends with `int tile`, which run() passes as measured
+    tuned: str | None = None  # row_tile's family: the op ends with `int tile, int width`, which run() passes as
+    # measured (row_tile, gemm_width)
 
 
 def _rows_out(x, w, *_):
@@ -173,15 +174,17 @@ def _int4_reference(x, w, dm):
 # changed is replayed against the new one and fails. So a changed schema adds an argument every call passes (a tile
 # argument's default, 0, is one run() never passes: a graph without it is an older version's), or renames the op.
 OPS = {
-    "int8_linear": Op("(Tensor x, Tensor weight, Tensor scales, int tile=0) -> Tensor", _rows_out, _int8_reference,
-                      lambda x, w, s: _rows_here(x), "int8"),
-    "int8_glu": Op("(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3, int tile=0) -> Tensor", _rows_out,
-                   _glu(_int8_reference), lambda x, w1, s1, w3, s3: _rows_here(x) and w1.shape == w3.shape, "int8"),
-    "int4_linear": Op("(Tensor x, Tensor weight, Tensor dm, int tile=0) -> Tensor", _rows_out, _int4_reference,
-                      lambda x, w, dm: _rows_here(x), "int4"),
-    "dense_linear": Op("(Tensor x, Tensor weight, int tile=0) -> Tensor", _rows_out, float_linear, _dense_takes,
-                       "dense"),
-    "dense_glu": Op("(Tensor x, Tensor w1, Tensor w3, int tile=0) -> Tensor", _rows_out, _glu(float_linear),
+    "int8_linear": Op("(Tensor x, Tensor weight, Tensor scales, int tile=0, int width=0) -> Tensor", _rows_out,
+                      _int8_reference, lambda x, w, s: _rows_here(x), "int8"),
+    "int8_glu": Op("(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3, int tile=0, int width=0) -> Tensor",
+                   _rows_out, _glu(_int8_reference),
+                   lambda x, w1, s1, w3, s3: _rows_here(x) and w1.shape == w3.shape, "int8"),
+    "int4_linear": Op("(Tensor x, Tensor weight, Tensor dm, int tile=0, int width=0) -> Tensor", _rows_out,
+                      _int4_reference, lambda x, w, dm: _rows_here(x), "int4"),
+    "dense_linear": Op("(Tensor x, Tensor weight, int tile=0, int width=0) -> Tensor", _rows_out, float_linear,
+                       _dense_takes, "dense"),
+    "dense_glu": Op("(Tensor x, Tensor w1, Tensor w3, int tile=0, int width=0) -> Tensor", _rows_out,
+                    _glu(float_linear),
                     lambda x, w1, w3: _dense_takes(x, w1) and _dense_takes(x, w3) and w1.shape == w3.shape, "dense"),
     "decode_attention": Op("(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor rows) -> Tensor",
                            lambda q, k, v, mask, rows: torch.empty_like(q), _attention_reference,
@@ -197,7 +200,7 @@ def run(name: str, *args: Tensor) -> Tensor:
     op = OPS[name]
     if not op.takes(*args):
         return op.reference(*args)
-    return getattr(torch.ops.fastllama, name)(*args, *((row_tile(op.tuned),) if op.tuned else ()))
+    return getattr(torch.ops.fastllama, name)(*args, *((row_tile(op.tuned), gemm_width()) if op.tuned else ()))
 
 
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-falign-loops=32",
@@ -210,7 +213,7 @@ def build_directory() -> Path:
     named by the extension alone made two checkouts rebuild in turn and wait on each other's lock)."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES))
     key.update(" ".join([*CFLAGS, torch.__version__, sys.version]).encode())
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     return Path(root) / f"fastllama_kernels_{key.hexdigest()[:16]}"
@@ -232,8 +235,8 @@ def build(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     print("building fastllama's C++ kernels for this version of kernels.cpp (once, about a minute) ...",
           file=sys.stderr, flush=True)
-    load(name=folder.name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False, verbose=False,
-         extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
+    load(name=folder.name, sources=[str(p) for p in SOURCES if p.suffix == ".cpp"], build_directory=str(folder),
+         is_python_module=False, verbose=False, extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
 
 
 @functools.cache
@@ -254,10 +257,17 @@ def cpu_kernels() -> bool:
     return True
 
 
-# ---- which row tile: measured once per machine and kernel build ------------------------------------------
+# ---- which row tile and GEMM width: measured once per machine and kernel build ----------------------------
 
 TILES = (1, 2, 4)  # rows of x per pass over a weight group in the decode kernels; every tile gives the same bits
 TUNE_ROWS = 8  # the decode rows the tiles are timed at (a server's default batch)
+GEMM_ROWS = 64  # the prefill rows the GEMM's widths are timed at (a server's prompt piece)
+
+
+def gemm_widths() -> tuple[int, ...]:
+    """The vector widths (floats) of the prefill GEMM this CPU runs: AVX2's 8, and AVX-512's 16 where it has AVX-512
+    F / BW / DQ / VL (torch's "AVX512" capability). Every width gives the same bits (kernels_vec.h)."""
+    return (8, 16) if this_cpu().capability == "AVX512" else (8,)
 
 
 def _tuning_args(family: str, gen: torch.Generator) -> tuple:
@@ -272,24 +282,33 @@ def _tuning_args(family: str, gen: torch.Generator) -> tuple:
     return (torch.randn(N, K, generator=gen).bfloat16(),)
 
 
-def measure_tiles() -> dict[str, int]:
-    """The fastest tile of each family on this machine: each tile timed on TUNE_ROWS rows, rounds alternating
-    between the tiles (so that the machine's drift falls on all of them), the best of each kept."""
+def _fastest(choices: tuple[int, ...], call: Callable[[int], object]) -> int:
+    """The choice c whose call(c) is fastest: rounds alternating between the choices (so that the machine's drift
+    falls on all of them), the best of 5 of each kept."""
     import time
 
+    times = {c: float("inf") for c in choices}
+    for _ in range(5):
+        for c in choices:
+            start = time.perf_counter()
+            call(c)
+            times[c] = min(times[c], time.perf_counter() - start)
+    return min(choices, key=times.get)
+
+
+def measure_tiles() -> dict[str, int]:
+    """The fastest tile of each family on this machine, each timed on TUNE_ROWS rows; and the fastest GEMM width
+    ("gemm"), timed on GEMM_ROWS rows of an int4 layer."""
     gen, best = torch.Generator().manual_seed(0), {}
     for family, name in (("int8", "int8_linear"), ("int4", "int4_linear"), ("dense", "dense_linear")):
         args = _tuning_args(family, gen)
         x = torch.randn(TUNE_ROWS, args[0].size(1) * (2 if family == "int4" else 1), generator=gen)
         x = x.bfloat16() if family == "dense" else x
         op = getattr(torch.ops.fastllama, name)
-        times = {t: float("inf") for t in TILES}
-        for _ in range(5):
-            for t in TILES:
-                start = time.perf_counter()
-                op(x, *args, t)
-                times[t] = min(times[t], time.perf_counter() - start)
-        best[family] = min(TILES, key=times.get)
+        best[family] = _fastest(TILES, lambda t: op(x, *args, t, 8))
+    args = _tuning_args("int4", gen)
+    x = torch.randn(GEMM_ROWS, args[0].size(1) * 2, generator=gen)
+    best["gemm"] = _fastest(gemm_widths(), lambda w: torch.ops.fastllama.int4_linear(x, *args, 1, w))
     return best
 
 
@@ -306,14 +325,14 @@ def _machine() -> str:
 @functools.cache
 def tuned_tiles() -> dict[str, int]:
     """measure_tiles()'s answer for this machine, kept in tiles.json in the kernels' build folder: measured on the first
-    use of a build on a machine (~0.3 s), read from the file after that."""
+    use of a build on a machine (~0.4 s), read from the file after that."""
     path = build_directory() / "tiles.json"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     machine = _machine()
-    if not isinstance(known.get(machine), dict) or set(known[machine]) != {"int8", "int4", "dense"}:
+    if not isinstance(known.get(machine), dict) or set(known[machine]) != {"int8", "int4", "dense", "gemm"}:
         known[machine] = measure_tiles()
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
@@ -330,6 +349,11 @@ _tiles: dict[str, int] = {}  # tuned_tiles(), copied in once by cpu_kernels(): a
 def row_tile(family: str) -> int:
     """The tile the decode kernels of a family ("int8", "int4", "dense") run with on this machine (tuned_tiles)."""
     return _tiles.get(family, 1)
+
+
+def gemm_width() -> int:
+    """The vector width the prefill GEMM runs at on this machine (tuned_tiles; 8 until measured)."""
+    return _tiles.get("gemm", 8)
 
 
 # ---- layouts: reference math and conversion (pure functions) --------------------------------------------

@@ -225,6 +225,32 @@ def test_quantized_prefill_gemm_matches_dequantized_float(M):
 
 
 @needs_avx2
+@pytest.mark.parametrize("width", [8, 16])
+def test_gemm_widths_give_the_same_bits(width):
+    """The prefill GEMM's register tile is one source over the vector width (kernels_vec.h): at AVX-512's 16 floats
+    (panels of 32 weight rows) every op gives, bit for bit, what AVX2's 8 give, which the other tests check against the
+    references: full and partial tiles (17, 40 rows; 12 or 6 rows per tile), two blocks (400), panels ending in 8 or
+    24 rows (N = 40, 1560), float32 and bf16 outputs. Width 16 runs only where the CPU has AVX-512."""
+    assert kernels.cpu_kernels()
+    if width not in kernels.gemm_widths():
+        pytest.skip(f"no AVX-512 here ({kernels.this_cpu().capability}): the width-{width} GEMM is built, not run")
+    for M in (17, 40, 400):
+        torch.manual_seed(M)
+        for N, K, G in [(40, 576, 18), (96, 128, 1), (1560, 576, 9)]:
+            args = quantized_and_dense_args(N, K, G)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(M, K, dtype=dtype)
+                names = ["int8_linear", "int8_glu", "int4_linear", "dense_linear bf16", "dense_glu bf16"]
+                names += ["dense_linear f32", "dense_glu f32"] if dtype == torch.float32 else []  # bf16 x: bf16 w
+                for name in names:
+                    op = getattr(torch.ops.fastllama, name.split()[0])
+                    assert torch.equal(op(x, *args[name], 1, width), op(x, *args[name], 1, 8)), (name, M, N, dtype)
+    with pytest.raises(RuntimeError, match="width must be 8 or 16"):
+        torch.ops.fastllama.int4_linear(torch.randn(20, 128), *quantized_and_dense_args(96, 128, 1)["int4_linear"],
+                                        1, 4)
+
+
+@needs_avx2
 def test_modules_pick_the_kernel_and_agree_with_the_pytorch_path():
     torch.manual_seed(0)
     w, x = torch.randn(96, 128), torch.randn(2, 5, 128)
@@ -542,8 +568,8 @@ def test_build_folder_follows_the_source_and_a_first_build_says_so(tmp_path, mon
     assert first.parent == tmp_path and first.name.startswith("fastllama_kernels_")
     assert kernels.build_directory() == first
     changed = tmp_path / "kernels.cpp"
-    changed.write_bytes(kernels.SOURCE.read_bytes() + b"\n// another version\n")
-    monkeypatch.setattr(kernels, "SOURCE", changed)
+    changed.write_bytes(kernels.SOURCES[0].read_bytes() + b"\n// another version\n")
+    monkeypatch.setattr(kernels, "SOURCES", [changed, *kernels.SOURCES[1:]])
     assert kernels.build_directory() not in (first, None)
     calls = []
 
@@ -578,29 +604,32 @@ def test_row_tiles_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch)
     assert kernels.cpu_kernels()
     state = torch.get_rng_state()
     measured = kernels.measure_tiles()
-    assert set(measured) == {"int8", "int4", "dense"} and set(measured.values()) <= set(kernels.TILES)
+    assert set(measured) == {"int8", "int4", "dense", "gemm"} and measured["gemm"] in kernels.gemm_widths()
+    assert {measured[f] for f in ("int8", "int4", "dense")} <= set(kernels.TILES)
     assert torch.equal(torch.get_rng_state(), state)  # a --seed's samples are the same on the run that measures
     monkeypatch.setattr(kernels, "build_directory", lambda: tmp_path)
     (tmp_path / "tiles.json").write_text("{not json")
     calls = []
-    monkeypatch.setattr(kernels, "measure_tiles", lambda: calls.append(1) or {"int8": 4, "int4": 2, "dense": 1})
+    tiles = {"int8": 4, "int4": 2, "dense": 1, "gemm": 8}
+    monkeypatch.setattr(kernels, "measure_tiles", lambda: calls.append(1) or dict(tiles))
     kernels.tuned_tiles.cache_clear()
     try:
         assert kernels.tuned_tiles()["int4"] == 2 and calls == [1]
         kept = json.loads((tmp_path / "tiles.json").read_text())
-        assert kept == {kernels._machine(): {"int8": 4, "int4": 2, "dense": 1}}
+        assert kept == {kernels._machine(): tiles}
         kernels.tuned_tiles.cache_clear()
         assert kernels.tuned_tiles()["int8"] == 4 and calls == [1]  # read back, not measured again
-        (tmp_path / "tiles.json").write_text(json.dumps({"another CPU / AVX512": {"int8": 1, "int4": 1, "dense": 2}}))
+        (tmp_path / "tiles.json").write_text(json.dumps({"another CPU / AVX512": {**tiles, "dense": 2}}))
         kernels.tuned_tiles.cache_clear()
         assert kernels.tuned_tiles()["dense"] == 1 and calls == [1, 1]
         assert set(json.loads((tmp_path / "tiles.json").read_text())) == {"another CPU / AVX512", kernels._machine()}
-        assert kernels._tiles.keys() == {"int8", "int4", "dense"}  # cpu_kernels() copied this machine's in
+        assert kernels._tiles.keys() == set(tiles)  # cpu_kernels() copied this machine's in
         monkeypatch.setitem(kernels._tiles, "int4", 2)
-        seen = []  # run() calls the op with the tuned tile
-        monkeypatch.setattr(torch.ops.fastllama, "int4_linear", lambda *a: seen.append(a[-1]) or a[0])
+        monkeypatch.setitem(kernels._tiles, "gemm", 16)
+        seen = []  # run() calls the op with the tuned tile and GEMM width
+        monkeypatch.setattr(torch.ops.fastllama, "int4_linear", lambda *a: seen.append(a[-2:]) or a[0])
         kernels.run("int4_linear", torch.randn(2, 64), torch.zeros(8, 32, dtype=torch.uint8),
                     torch.zeros(1, 2, 2, 8, dtype=torch.half))
-        assert seen == [2]
+        assert seen == [(2, 16)]
     finally:
         kernels.tuned_tiles.cache_clear()
