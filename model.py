@@ -218,20 +218,15 @@ class KVCache(nn.Module):
         positions input_pos: (T,) for every row, or (B, T), each row its own. Return the cache rows written
         (B, n_kv, S, D); for a tensor row, the whole cache (R, n_kv, S, D), which attention reads through row."""
         B = k.size(0)
-        if isinstance(row, Tensor):  # index (B, 1) x (B or 1, T) picks (B, T, n_kv, D)
-            pos = input_pos if input_pos.dim() == 2 else input_pos[None]
-            self.k_cache[row[:, None], :, pos] = k.transpose(1, 2)
-            self.v_cache[row[:, None], :, pos] = v.transpose(1, 2)
+        # written through the whole cache, never a slice of it: under torch.compile a write into a slice copies the
+        # whole cache (all rows, every position) on every step
+        rows = (row if isinstance(row, Tensor) else torch.arange(row, row + B, device=k.device))[:, None]
+        pos = input_pos if input_pos.dim() == 2 else input_pos[None]  # index (B, 1) x (B or 1, T): (B, T, n_kv, D)
+        self.k_cache[rows, :, pos] = k.transpose(1, 2)
+        self.v_cache[rows, :, pos] = v.transpose(1, 2)
+        if isinstance(row, Tensor):
             return self.k_cache, self.v_cache
-        kc, vc = self.k_cache[row:row + B], self.v_cache[row:row + B]
-        if input_pos.dim() == 1:
-            kc[:, :, input_pos] = k
-            vc[:, :, input_pos] = v
-        else:  # index (B, 1) x (B, T) picks (B, T, n_kv, D): a position per row and token
-            rows = torch.arange(B, device=k.device)[:, None]
-            kc[rows, :, input_pos] = k.transpose(1, 2)
-            vc[rows, :, input_pos] = v.transpose(1, 2)
-        return kc, vc
+        return self.k_cache[row:row + B], self.v_cache[row:row + B]
 
     def read(self, row: int, length: int) -> tuple[Tensor, Tensor]:
         """Copies of the first `length` positions of batch row `row`: k, v (n_kv, length, D)."""
