@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from generate import MIN_ROWS, decode_rows, prefill_pieces, sample
+from generate import decode_rows, prefill_pieces, sample
+from layers import rows_alone
 from model import Transformer
 from tokenizer import Detokenizer, Tokenizer
 
@@ -146,6 +147,7 @@ class Engine:
         self.budget = prefill_budget or 4 * chunk
         self.decode_step, self.max_queue = decode_step, max_queue
         model.setup_caches(rows, context)
+        self.min_rows = 1 if rows_alone(model) else min(2, rows)  # the fewest rows a decode step computes
         self.slots = [Slot() for _ in range(rows)]
         self.waiting: deque[Request] = deque()
         self.admitting: list[int] = []  # rows whose prompts are being prefilled, piece by piece, in arrival order
@@ -209,11 +211,9 @@ class Engine:
         decoding = [i for i, s in enumerate(self.slots) if s.next_token is not None]
         if not decoding:
             return
-        # A lone row goes with a pad row (token 0 at the scratch position of another row: Transformer.setup_caches),
-        # which costs next to nothing: the compiled step's row count is a dynamic size only from MIN_ROWS, and one
-        # graph for every count keeps a row's arithmetic independent of how many rows run.
-        spare = next((i for i in range(self.rows) if i not in decoding), 0)
-        pad = [spare] * max(0, min(MIN_ROWS, self.rows) - len(decoding))
+        # A lone row goes with a pad row (token 0 at the scratch position of another row: Transformer.setup_caches)
+        # where a layer computes one row by other arithmetic than several (layers.rows_alone).
+        pad = [i for i in range(self.rows) if i not in decoding][:max(0, self.min_rows - len(decoding))]
         x = torch.tensor([[self.slots[i].next_token] for i in decoding] + [[0]] * len(pad))
         pos = torch.tensor([[len(self.slots[i].tokens)] for i in decoding] + [[self.context]] * len(pad))
         dev = self.model.device

@@ -85,9 +85,6 @@ def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, key_mask:
     return sample(model(x, input_pos, key_mask), **sampling)
 
 
-MIN_ROWS = 2  # the fewest rows compile_decode_rows takes: torch.compile makes a size of 1 a constant, not a dynamic one
-
-
 def decode_rows(model: Transformer, x: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
     """One token for each of B rows, each at its own position: x and input_pos (B, 1); the logits (B, vocab). rows
     (B,) names each one's cache row (default: rows 0..B-1)."""
@@ -110,14 +107,14 @@ def compile_step(fn, device: torch.device, dynamic: bool = False):
 
 
 def compile_decode_rows(device: torch.device, rows: int):
-    """decode_rows compiled once for any count of MIN_ROWS..rows rows (the count a dynamic size of one graph, so that a
-    row's arithmetic is the same whatever else runs); with rows < MIN_ROWS, for that count alone."""
+    """decode_rows compiled once for any count of 1..rows rows, so that a row's arithmetic is the same whatever else
+    runs. The count is an unbacked size: a backed one would make a count of 1 a constant (a second graph), and the
+    compiler plans the graph's loops for the hint of 1 row (one row costs what generate.py's step costs)."""
     step = compile_step(decode_rows, device)
 
     def run(model: Transformer, x: Tensor, input_pos: Tensor, cache_rows: Tensor) -> Tensor:
-        if rows >= MIN_ROWS:
-            for t in (x, input_pos, cache_rows):
-                torch._dynamo.mark_dynamic(t, 0, min=MIN_ROWS, max=rows)
+        for t in (x, input_pos, cache_rows):
+            torch._dynamo.decorators.mark_unbacked(t, 0, min=1, max=rows, hint_override=1)
         return step(model, x, input_pos, cache_rows)
 
     return run

@@ -93,6 +93,19 @@ def use_cpu_attention(transformer: nn.Module) -> None:
                 m.decode_attention = cpu_decode_attention
 
 
+def rows_alone(transformer: nn.Module) -> bool:
+    """Whether a decode step computes each row by itself at any count of rows: every linear layer on kernels.cpp's
+    ops (each row its own dot products, tested up to GEMV_MAX_ROWS rows). torch's GEMM, the fallback, takes one row
+    as a GEMV, whose sums run in another order than its several-row products (the engine pads a lone row then)."""
+    for m in transformer.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)) and m.kernel != "cpp":
+            return False
+        if isinstance(m, nn.Linear) and not (isinstance(m, CpuLinear) and m.kernel and kernels.OPS["dense_linear"]
+                                             .takes(m.weight.new_empty(1, m.in_features), m.weight)):
+            return False
+    return True
+
+
 # ---- quantized layers ------------------------------------------------------------------------------------
 
 class Int8Linear(nn.Module):

@@ -35,7 +35,6 @@ from engine import Engine, Metrics, Output, QueueFull, Sampling
 from engine import Request as EngineRequest
 from generate import (
     DEFAULT_CHECKPOINT,
-    MIN_ROWS,
     compile_decode_rows,
     decode_rows,
     load_model,
@@ -424,11 +423,11 @@ def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: in
     step = compile_decode_rows(device, rows) if compile else decode_rows
     engine = Engine(model, tokenizer, rows=rows, context=context, chunk=chunk, prefill_budget=prefill_budget,
                     decode_step=step, max_queue=max_queue)
-    if compile:  # compile now, not on the first request: the fewest rows it takes, each at its scratch position
-        t0, n = time.perf_counter(), min(MIN_ROWS, rows)
+    if compile:  # compile now, not on the first request: one row at row 0's scratch position
+        t0 = time.perf_counter()
         with torch.no_grad():  # as the engine calls it
-            step(model, torch.zeros(n, 1, dtype=torch.long, device=device), torch.full((n, 1), context, device=device),
-                 torch.arange(n, device=device))
+            step(model, torch.zeros(1, 1, dtype=torch.long, device=device), torch.full((1, 1), context, device=device),
+                 torch.arange(1, device=device))
         tp.log(f"compiled the decode step in {time.perf_counter() - t0:.1f} s")
     if rows > GEMV_MAX_ROWS:
         tp.log(f"note: with more than {GEMV_MAX_ROWS} rows the decode step is a GEMM, not each row's GEMV: a "
