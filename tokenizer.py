@@ -75,6 +75,9 @@ class Tokenizer:
         for m in messages:
             if set(m) - {"role", "content"} or not isinstance(m.get("content"), str):
                 raise ValueError(f"a chat message needs a 'role' and a string 'content', got {m!r}")
+        if self.chat_template is None:
+            raise ValueError("the model has no chat template (none in its tokenizer_config.json or "
+                             "chat_template.jinja); send the text as a prompt instead")
         return render_chat_template(self.chat_template, messages, add_generation_prompt,
                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 

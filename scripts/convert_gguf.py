@@ -30,6 +30,7 @@ from checkpoint import Checkpoint, Format, Quantization, save_checkpoint  # noqa
 from files import BadFile, first_line  # noqa: E402
 from layers import pack_int4  # noqa: E402
 from model import ModelArgs  # noqa: E402
+from tokenizer import get_tokenizer  # noqa: E402
 
 
 class Unsupported(ValueError):
@@ -241,12 +242,10 @@ def build_tokenizer_config(meta: dict) -> dict:
         idx = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[idx] if idx is not None else None
 
-    return {
-        "bos_token": name("bos"),
-        "eos_token": name("eos"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "chat_template": meta.get("tokenizer.chat_template"),
-    }
+    template = meta.get("tokenizer.chat_template")  # a file without one: no key (a null one is no template)
+    return {"bos_token": name("bos"), "eos_token": name("eos"),
+            "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            **({"chat_template": template} if template is not None else {})}
 
 
 FETCH_AGAIN = "download or copy it again (a GGUF file from llama.cpp's convert_hf_to_gguf.py)"
@@ -320,7 +319,8 @@ def gguf_tokenizer_metadata(folder: Path) -> dict:
     cfg_file = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     return {"tokens": tokens, "types": [CONTROL_TOKEN if i in special else 1 for i in range(len(tokens))],
-            "merges": merges, "bos": ids.get(cfg.get("bos_token")), "eos": ids.get(cfg.get("eos_token"))}
+            "merges": merges, "bos": ids.get(cfg.get("bos_token")), "eos": ids.get(cfg.get("eos_token")),
+            "chat_template": get_tokenizer(folder).chat_template}  # llama.cpp's server renders chats with it
 
 
 def export_gguf(checkpoint_path: Path, out: Path, dtype: str = "F32") -> Path:
@@ -357,6 +357,8 @@ def export_gguf(checkpoint_path: Path, out: Path, dtype: str = "F32") -> Path:
     w.add_token_list(tok["tokens"])
     w.add_token_types(tok["types"])
     w.add_token_merges(tok["merges"])
+    if tok["chat_template"] is not None:
+        w.add_chat_template(tok["chat_template"])
     for key, value in (("bos", tok["bos"]), ("eos", tok["eos"])):
         if value is not None:
             getattr(w, f"add_{key}_token_id")(value)

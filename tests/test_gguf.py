@@ -146,3 +146,27 @@ def test_gguf_tokenizer_files(tiny_gguf):
 def test_gguf_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+
+
+@pytest.mark.real_model
+def test_exported_gguf_reads_back_with_its_weights_and_chat_template(smollm2_dir, tmp_path):
+    """export_gguf (the F32 file llama.cpp quantizes for the benchmarks) read back by convert_gguf: the same weights,
+    and the same chat template, so that llama-server and our server render a chat alike; a GGUF without a template
+    gives a folder whose tokenizer says it has none (a null template was once written, and chats failed)."""
+    from convert_gguf import export_gguf
+
+    gguf_file = export_gguf(smollm2_dir / "model.pth", tmp_path / "model-F32.gguf")
+    folder = tmp_path / "back"
+    convert_gguf(gguf_file, folder)
+    ours, back = Checkpoint.open(smollm2_dir / "model.pth").state_dict(), Checkpoint.open(folder).state_dict()
+    assert ours.keys() == back.keys() and all(torch.equal(ours[k], back[k]) for k in ours)
+    chat = [{"role": "user", "content": "Hi!"}]
+    assert get_tokenizer(folder).apply_chat_template(chat) == get_tokenizer(smollm2_dir).apply_chat_template(chat)
+
+    tok_json = (folder / "tokenizer.json").read_text()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "tokenizer.json").write_text(tok_json)
+    (plain / "tokenizer_config.json").write_text('{"chat_template": null}')
+    with pytest.raises(ValueError, match="no chat template"):
+        get_tokenizer(plain).apply_chat_template(chat)
