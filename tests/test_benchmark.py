@@ -176,3 +176,29 @@ def test_serve_against_llama_server(smollm2_dir, smollm2_gguf):
         (system, load) for system in ("fastllama", "llama.cpp") for load in ("1 arriving, 1 decoding", "2 clients")]
     for r in rows:
         assert (r["completed"], r["failed"], r["dropped"], r["completion_tokens"]) == (4, 0, 0, 24), r
+
+
+def test_serve_loads_take_fresh_prompts_the_same_for_both_systems(monkeypatch):
+    """Each load takes prompts no earlier load of its set sent (llama-server caches earlier prompts in RAM), both
+    systems the same ones, the order of the systems alternating from one load to the next."""
+    import serve_bench
+
+    sent = []
+
+    def load(port, prompts, *args, **kwargs):
+        sent.append((port, [p[0]["content"] for p in prompts[:4]]))
+        return [], 1.0
+
+    for name in ("closed_loop", "poisson", "arrivals"):
+        monkeypatch.setattr(serve_bench, name, load)
+    monkeypatch.setattr(serve_bench, "chat", lambda *a, **k: None)
+    monkeypatch.setattr(serve_bench, "summarize", lambda replies, wall: {})
+    chats = [[{"role": "user", "content": f"q{i}"}] for i in range(100)]
+    shapes = serve_bench.loads([1, 2], 3.0, 2)
+    rows = serve_bench.run({"ours": 1, "theirs": 2}, shapes, {"chat": chats}, 4, 8)
+    assert [(r["system"], r["load"]) for r in rows][:4] == [("ours", "1 client"), ("theirs", "1 client"),
+                                                            ("theirs", "2 clients"), ("ours", "2 clients")]
+    per_load = [sent[i][1] for i in range(0, len(sent), 2)]
+    assert all(sent[i][1] == sent[i + 1][1] for i in range(0, len(sent), 2))  # both systems, the same prompts
+    assert per_load[:3] == [["q0", "q1", "q2", "q3"], ["q4", "q5", "q6", "q7"], ["q8", "q9", "q10", "q11"]]
+    assert per_load[3][0] == "q12"  # the arriving load: its busy clients' prompts come from the same cursor
