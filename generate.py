@@ -109,7 +109,7 @@ def compile_step(fn, device: torch.device, dynamic: bool = False):
 def compile_decode_rows(device: torch.device, rows: int):
     """decode_rows compiled once for any count of 1..rows rows, so that a row's arithmetic is the same whatever else
     runs. The count is an unbacked size: a backed one would make a count of 1 a constant (a second graph), and the
-    compiler plans the graph's loops for the hint of 1 row (one row costs what generate.py's step costs)."""
+    compiler plans the graph's loops for the hint of 1 row (one row costs about what generate.py's step does)."""
     step = compile_step(decode_rows, device)
 
     def run(model: Transformer, x: Tensor, input_pos: Tensor, cache_rows: Tensor) -> Tensor:

@@ -133,7 +133,8 @@ def _generation_eos_ids(folder: Path) -> list[int]:
     return ids
 
 
-def _chat_template(folder: Path, config: dict) -> str | None:
+def chat_template_of(folder: Path, config: dict) -> str | None:
+    """The folder's own chat template (chat_template.jinja, else tokenizer_config.json's `config`), or None."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text()
@@ -155,7 +156,7 @@ class HFTokenizer(Tokenizer):
         self.eos_token = _token_content(config.get("eos_token"))
         self.bos_id = self.token_to_id(self.bos_token) if self.bos_token else None
         self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_id is not None
-        self.chat_template = _chat_template(folder, config)
+        self.chat_template = chat_template_of(folder, config)
         self.stop_ids = self._stop_ids_from(_generation_eos_ids(folder))
 
     def encode(self, text, add_special_tokens=True):
@@ -183,7 +184,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_token = self.sp.id_to_piece(self.bos_id) if self.bos_id is not None else None
         self.eos_token = self.sp.id_to_piece(self.sp.eos_id()) if self.sp.eos_id() >= 0 else None
         self.add_bos = bool(config.get("add_bos_token", True)) and self.bos_id is not None
-        self.chat_template = _chat_template(folder, config) or LLAMA2_TEMPLATE
+        self.chat_template = chat_template_of(folder, config) or LLAMA2_TEMPLATE
         self.stop_ids = self._stop_ids_from(_generation_eos_ids(folder))
 
     def encode(self, text, add_special_tokens=True):
@@ -215,7 +216,7 @@ class TiktokenTokenizer(Tokenizer):
         config = _read_json(folder / "tokenizer_config.json")
         self.bos_token, self.eos_token = "<|begin_of_text|>", "<|eot_id|>"
         self.bos_id = self.special[self.bos_token]
-        self.chat_template = _chat_template(folder, config) or LLAMA3_TEMPLATE
+        self.chat_template = chat_template_of(folder, config) or LLAMA3_TEMPLATE
         self.stop_ids = self._stop_ids_from(_generation_eos_ids(folder))
 
     def encode(self, text, add_special_tokens=True):

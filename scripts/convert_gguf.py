@@ -30,7 +30,7 @@ from checkpoint import Checkpoint, Format, Quantization, save_checkpoint  # noqa
 from files import BadFile, first_line  # noqa: E402
 from layers import pack_int4  # noqa: E402
 from model import ModelArgs  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+from tokenizer import chat_template_of  # noqa: E402
 
 
 class Unsupported(ValueError):
@@ -320,7 +320,7 @@ def gguf_tokenizer_metadata(folder: Path) -> dict:
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     return {"tokens": tokens, "types": [CONTROL_TOKEN if i in special else 1 for i in range(len(tokens))],
             "merges": merges, "bos": ids.get(cfg.get("bos_token")), "eos": ids.get(cfg.get("eos_token")),
-            "chat_template": get_tokenizer(folder).chat_template}  # llama.cpp's server renders chats with it
+            "chat_template": chat_template_of(folder, cfg)}  # llama.cpp's server renders chats with it
 
 
 def export_gguf(checkpoint_path: Path, out: Path, dtype: str = "F32") -> Path:
