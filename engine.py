@@ -147,7 +147,9 @@ class Engine:
         self.budget = prefill_budget or 4 * chunk
         self.decode_step, self.max_queue = decode_step, max_queue
         model.setup_caches(rows, context)
-        self.min_rows = 1 if rows_alone(model) else min(2, rows)  # the fewest rows a decode step computes
+        # the fewest rows a decode step computes: any count where each row is computed by itself (layers.rows_alone);
+        # else all of them, one shape, since torch's GEMM may sum a row in another order at another count of rows
+        self.min_rows = 1 if rows_alone(model) else rows
         self.slots = [Slot() for _ in range(rows)]
         self.waiting: deque[Request] = deque()
         self.admitting: list[int] = []  # rows whose prompts are being prefilled, piece by piece, in arrival order
@@ -211,8 +213,7 @@ class Engine:
         decoding = [i for i, s in enumerate(self.slots) if s.next_token is not None]
         if not decoding:
             return
-        # A lone row goes with a pad row (token 0 at the scratch position of another row: Transformer.setup_caches)
-        # where a layer computes one row by other arithmetic than several (layers.rows_alone).
+        # rows short of min_rows are padded with idle ones (token 0 at the scratch position: Transformer.setup_caches)
         pad = [i for i in range(self.rows) if i not in decoding][:max(0, self.min_rows - len(decoding))]
         x = torch.tensor([[self.slots[i].next_token] for i in decoding] + [[0]] * len(pad))
         pos = torch.tensor([[len(self.slots[i].tokens)] for i in decoding] + [[self.context]] * len(pad))

@@ -96,7 +96,7 @@ def use_cpu_attention(transformer: nn.Module) -> None:
 def rows_alone(transformer: nn.Module) -> bool:
     """Whether a decode step computes each row by itself at any count of rows: every linear layer on kernels.cpp's
     ops (each row its own dot products, tested up to GEMV_MAX_ROWS rows). torch's GEMM, the fallback, takes one row
-    as a GEMV, whose sums run in another order than its several-row products (the engine pads a lone row then)."""
+    as a GEMV, and may sum a row in another order at another count of rows (the engine then computes every row)."""
     for m in transformer.modules():
         if isinstance(m, (Int8Linear, Int4Linear)) and m.kernel != "cpp":
             return False

@@ -342,9 +342,9 @@ class Transformer(nn.Module):
         """Allocate each layer's KV cache beside it, the rotary table beside the embedding.
 
         Positions 0..max_seq_length-1 are the text's; one more, max_seq_length, is a scratch position for a row that
-        holds no text but must be computed (a pad row beside a server's lone decoding row, or its warm-up): a token
-        there writes its KV there and attends to that position alone, so it costs next to nothing and touches nothing
-        a row holds.
+        holds no text but must be computed (a server's idle row where every step computes all rows, or its
+        warm-up): a token there writes its KV there and attends to that position alone, so it costs next to nothing
+        and touches nothing a row holds.
         """
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}")
