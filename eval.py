@@ -17,7 +17,7 @@ from torch import Tensor
 
 import files
 from checkpoint import PRECISIONS, Checkpoint, resolve_precision
-from cli import run_cli
+from cli import add_quant_activations_flag, run_cli
 from files import BadFile, first_line
 from generate import (
     DEFAULT_CHECKPOINT,
@@ -233,7 +233,7 @@ def run_tasks(lm, tasks: list[str], include_path: Path | None, limit: int | None
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | None = None,
          tasks: str | None = None, include_path: Path | None = None, limit: int | None = None,
          batch_size: int = 1, compile: bool = False, max_seq_length: int | None = None, stride: int | None = None,
-         device: str | None = None, precision: str = "auto") -> dict:
+         device: str | None = None, precision: str = "auto", quant_activations: str = "auto") -> dict:
     """Print and return the perplexity of perplexity_file and / or the lm-eval results of tasks."""
     if perplexity_file is None and not tasks:
         raise ValueError("nothing to evaluate; pass --perplexity FILE and/or --tasks NAMES")
@@ -245,7 +245,8 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | 
         raise ValueError("--batch_size and --limit must be at least 1")
     ckpt, dev = Checkpoint.open(checkpoint_path), resolve_device(device)
     precision = resolve_precision(precision, ckpt.quantization, dev)
-    model, tokenizer = load_model(ckpt, dev, precision), get_tokenizer(ckpt.folder)
+    model = load_model(ckpt, dev, precision, quant_activations=quant_activations)
+    tokenizer = get_tokenizer(ckpt.folder)
     seq = max_seq_length or min(model.config.block_size, 1024 if perplexity_file else 2048)
     out = {}
     if perplexity_file is not None:
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="activations dtype (auto: bf16; fp32 for int8 / int4 checkpoints on a CPU)")
+    add_quant_activations_flag(p)
     return p
 
 

@@ -225,8 +225,10 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None) -> Transformer:
-    """The Transformer of a checkpoint (a Checkpoint, a folder or its model.pth) on device, in precision.
+def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None, quant_activations: str = "auto"
+               ) -> Transformer:
+    """The Transformer of a checkpoint (a Checkpoint, a folder or its model.pth) on device, in precision; a quantized
+    one's layers on the C++ kernels round their activations as kernels.Cpu.activations resolves quant_activations.
 
     transform(model), when given, cuts or places the model while its weights are still where the checkpoint left them
     (the CPU): tp.shard keeps this rank's slices, tp.split_layers puts runs of layers on their devices; so a device
@@ -234,6 +236,7 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
     """
     ckpt = Checkpoint.open(checkpoint)
     device = torch.device(device)
+    activations = kernels.this_cpu().activations(quant_activations)
     dtype = PRECISIONS[resolve_precision(precision, ckpt.quantization, device)]
     model = ckpt.build()
     model.load_state_dict(ckpt.state_dict(), assign=True)
@@ -251,7 +254,7 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
     if ckpt.args.tie_embeddings and model.output.weight.device == model.device:
         model.tie_weights()  # .to() copies a tied layer's buffers (an int8 table) one module at a time
     if ckpt.quantization is not None:
-        layers.prepare(model)
+        layers.prepare(model, activations=activations)
     if model.device.type == "cpu":
         layers.use_cpu_attention(model)  # decode attention over the visible cache positions only (C++)
         # decode streams every weight once per token: fewer TLB misses
@@ -331,7 +334,7 @@ def main(*, prompt: str | list[str] | None = None, interactive: bool = False, nu
          seed: int | None = None, precision: str = "auto", max_seq_length: int | None = None,
          draft_checkpoint_path: Path | None = None, speculate_k: int = 5, prompt_lookup: int | None = None,
          prefix_file: Path | None = None, save_prefix_cache: Path | None = None,
-         load_prefix_cache: Path | None = None, devices: str | None = None) -> None:
+         load_prefix_cache: Path | None = None, devices: str | None = None, quant_activations: str = "auto") -> None:
     """Load the model, then generate num_samples times for each prompt (or chat); print speed and memory."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt or [DEFAULT_PROMPT])
     check_flags(prompts=prompts, interactive=interactive, max_new_tokens=max_new_tokens, num_samples=num_samples,
@@ -348,7 +351,8 @@ def main(*, prompt: str | list[str] | None = None, interactive: bool = False, nu
     if context is not None and tp.world()[1] == 1 and not stages:  # refuse before allocating anything
         est = Sizer.of(ckpt, precision, dev).at(batch_size, min(context, ckpt.args.block_size))
         check_fits(est, available_bytes(dev), "--batch_size / --max_seq_length")
-    model, tokenizer = load_model(ckpt, dev, precision, transform=transform), get_tokenizer(ckpt.folder)
+    model = load_model(ckpt, dev, precision, transform=transform, quant_activations=quant_activations)
+    tokenizer = get_tokenizer(ckpt.folder)
     rank, world_size = tp.world()
     tp.log(f"loaded {ckpt.weights} ({ckpt.format.describe()}; {precision} on {dev}"
            f"{f', rank {rank} of {world_size}' if world_size > 1 else ''}) in {time.perf_counter() - t0:.2f} s")
@@ -415,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations dtype (auto: bf16; fp32 for int8 / int4 checkpoints on a CPU)")
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="KV cache length (default: prompt + max_new_tokens; 2048 in --interactive)")
+    cli.add_quant_activations_flag(p)
     g = p.add_argument_group("speculative decoding (batch 1)")
     g.add_argument("--draft_checkpoint_path", type=Path, default=None,
                    help="a smaller or quantized model with the same tokenizer that proposes tokens")

@@ -15,7 +15,8 @@ Weight layouts (the kernels' own; layers.py converts the device-independent chec
   int4: w (N, K // 2) uint8, rows interleaved by 8 (int4_to_kernel), dm (N // 8, 2, G, 8) float16 = (d, m):
         w_float = q * d + m per group of K // G inputs (llama.cpp's Q4_1 arithmetic)
 The int8 / int4 kernels round activations to int16 per block of 32 (error below 1/65000 of the block's largest
-value, far finer than bf16); quantized_kernel says which layers they take.
+value, far finer than bf16); their *_q8 twins (kernels_q8.h) round them to int8 per block, as llama.cpp does
+(Cpu.activations says which a model uses); quantized_kernel says which layers they take.
 """
 import ctypes
 import ctypes.util
@@ -39,7 +40,8 @@ from torch import Tensor, nn
 import cuda
 import model
 
-SOURCES = [Path(__file__).resolve().with_name(n) for n in ("kernels.cpp", "kernels_avx512.cpp", "kernels_vec.h")]
+SOURCES = [Path(__file__).resolve().with_name(n)
+           for n in ("kernels.cpp", "kernels_avx512.cpp", "kernels_vec.h", "kernels_q8.h")]
 GEMV_MAX_ROWS = 16  # more rows than this are a prefill (GEMM); kernels.cpp gets it at build time
 
 
@@ -50,6 +52,7 @@ class Cpu:
     """The CPU facts the fast paths depend on; tests force each combination (monkeypatch this_cpu)."""
     capability: str  # torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", "DEFAULT", ...
     half_arithmetic: bool  # bf16 / fp16 multiplied natively (AVX512-BF16 or AMX); AVX2 CPUs emulate it slowly
+    vnni: bool = False  # AVX-512 VNNI: int8 products summed by fours in one instruction (vpdpbusd)
 
     @property
     def avx2(self) -> bool:
@@ -62,12 +65,26 @@ class Cpu:
         arithmetic: with it, MKL's bf16 GEMM beats widening the weight to float32 (docs/kernels.md has the figures)."""
         return weight != torch.bfloat16 or not self.half_arithmetic
 
+    def activations(self, requested: str) -> str:
+        """How quantized layers on kernels.cpp round their activations: "int16" (per block of 32, ~1e-5 of the float
+        result: the exact mode) or "int8" (per block of 32, llama.cpp's Q8 activations: perplexity within 0.5%,
+        docs/kernels.md). "auto" is int8 where the CPU has AVX-512 VNNI, whose vpdpbusd makes it 2-3x faster at 8
+        rows, and int16 elsewhere (AVX2's int8 kernels are no faster than the exact ones for int8 weights)."""
+        if requested not in ACTIVATIONS:
+            raise ValueError(f"unknown --quant_activations {requested!r}; use one of {', '.join(ACTIVATIONS)}")
+        if requested == "auto":
+            return "int8" if self.capability == "AVX512" and self.vnni else "int16"
+        return requested
+
+
+ACTIVATIONS = ("auto", "int16", "int8")  # Cpu.activations' choices
+
 
 @functools.cache
 def this_cpu() -> Cpu:
     """The CPU this process runs on."""
     half = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return Cpu(torch.backends.cpu.get_cpu_capability(), half)
+    return Cpu(torch.backends.cpu.get_cpu_capability(), half, torch.cpu._is_vnni_supported())
 
 
 # ---- the ops: one table ----------------------------------------------------------------------------------
@@ -181,6 +198,13 @@ OPS = {
                    lambda x, w1, s1, w3, s3: _rows_here(x) and w1.shape == w3.shape, "int8"),
     "int4_linear": Op("(Tensor x, Tensor weight, Tensor dm, int tile=0, int width=0) -> Tensor", _rows_out,
                       _int4_reference, lambda x, w, dm: _rows_here(x), "int4"),
+    "int4_linear_q8": Op("(Tensor x, Tensor weight, Tensor dm, int tile=0, int width=0) -> Tensor", _rows_out,
+                         lambda x, w, dm: _int4_reference(quantize_rows_int8(x), w, dm), lambda x, w, dm: True, "q8"),
+    "int8_linear_q8": Op("(Tensor x, Tensor weight, Tensor scales, int tile=0, int width=0) -> Tensor", _rows_out,
+                         lambda x, w, s: _int8_reference(quantize_rows_int8(x), w, s), lambda x, w, s: True, "q8"),
+    "int8_glu_q8": Op("(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3, int tile=0, int width=0) -> Tensor",
+                      _rows_out, lambda x, *w: _glu(_int8_reference)(quantize_rows_int8(x), *w),
+                      lambda x, w1, s1, w3, s3: w1.shape == w3.shape, "q8"),
     "dense_linear": Op("(Tensor x, Tensor weight, int tile=0, int width=0) -> Tensor", _rows_out, float_linear,
                        _dense_takes, "dense"),
     "dense_glu": Op("(Tensor x, Tensor w1, Tensor w3, int tile=0, int width=0) -> Tensor", _rows_out,
@@ -200,7 +224,8 @@ def run(name: str, *args: Tensor) -> Tensor:
     op = OPS[name]
     if not op.takes(*args):
         return op.reference(*args)
-    return getattr(torch.ops.fastllama, name)(*args, *((row_tile(op.tuned), gemm_width()) if op.tuned else ()))
+    width = q8_width() if op.tuned == "q8" else gemm_width()
+    return getattr(torch.ops.fastllama, name)(*args, *((row_tile(op.tuned), width) if op.tuned else ()))
 
 
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-falign-loops=32",
@@ -270,6 +295,12 @@ def gemm_widths() -> tuple[int, ...]:
     return (8, 16) if this_cpu().capability == "AVX512" else (8,)
 
 
+def q8_widths() -> tuple[int, ...]:
+    """The vector widths (output rows) of the int8-activation kernels this CPU runs: AVX2's 8, and 16 where it has
+    AVX-512 with VNNI. Every width gives the same bits (kernels_q8.h)."""
+    return (8, 16) if this_cpu().capability == "AVX512" and this_cpu().vnni else (8,)
+
+
 def _tuning_args(family: str, gen: torch.Generator) -> tuple:
     """Weights of one layer of each family, large enough (2-4 MB) to come from memory as a model's do. Drawn from gen
     only: measuring must not move the global random state that a --seed set (the first run would sample otherwise)."""
@@ -296,9 +327,13 @@ def _fastest(choices: tuple[int, ...], call: Callable[[int], object]) -> int:
     return min(choices, key=times.get)
 
 
+TUNED = {"int8", "int4", "dense", "gemm", "q8", "q8_width"}  # measure_tiles' keys
+
+
 def measure_tiles() -> dict[str, int]:
-    """The fastest tile of each family on this machine, each timed on TUNE_ROWS rows; and the fastest GEMM width
-    ("gemm"), timed on GEMM_ROWS rows of an int4 layer."""
+    """The fastest tile of each family on this machine, each timed on TUNE_ROWS rows; the fastest GEMM width ("gemm"),
+    timed on GEMM_ROWS rows of an int4 layer; the int8-activation kernels' fastest width ("q8_width", on TUNE_ROWS
+    rows of an int4 layer) and tile at that width ("q8")."""
     gen, best = torch.Generator().manual_seed(0), {}
     for family, name in (("int8", "int8_linear"), ("int4", "int4_linear"), ("dense", "dense_linear")):
         args = _tuning_args(family, gen)
@@ -309,6 +344,9 @@ def measure_tiles() -> dict[str, int]:
     args = _tuning_args("int4", gen)
     x = torch.randn(GEMM_ROWS, args[0].size(1) * 2, generator=gen)
     best["gemm"] = _fastest(gemm_widths(), lambda w: torch.ops.fastllama.int4_linear(x, *args, 1, w))
+    x = x[:TUNE_ROWS]
+    best["q8_width"] = _fastest(q8_widths(), lambda w: torch.ops.fastllama.int4_linear_q8(x, *args, 4, w))
+    best["q8"] = _fastest(TILES, lambda t: torch.ops.fastllama.int4_linear_q8(x, *args, t, best["q8_width"]))
     return best
 
 
@@ -332,7 +370,7 @@ def tuned_tiles() -> dict[str, int]:
     except (OSError, ValueError):
         known = {}
     machine = _machine()
-    if not isinstance(known.get(machine), dict) or set(known[machine]) != {"int8", "int4", "dense", "gemm"}:
+    if not isinstance(known.get(machine), dict) or set(known[machine]) != TUNED:
         known[machine] = measure_tiles()
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
@@ -347,13 +385,18 @@ _tiles: dict[str, int] = {}  # tuned_tiles(), copied in once by cpu_kernels(): a
 
 
 def row_tile(family: str) -> int:
-    """The tile the decode kernels of a family ("int8", "int4", "dense") run with on this machine (tuned_tiles)."""
+    """The tile the decode kernels of a family ("int8", "int4", "dense", "q8") run with on this machine (tuned_tiles)."""
     return _tiles.get(family, 1)
 
 
 def gemm_width() -> int:
     """The vector width the prefill GEMM runs at on this machine (tuned_tiles; 8 until measured)."""
     return _tiles.get("gemm", 8)
+
+
+def q8_width() -> int:
+    """The vector width the int8-activation kernels run at on this machine (tuned_tiles; 8 until measured)."""
+    return _tiles.get("q8_width", 8)
 
 
 # ---- layouts: reference math and conversion (pure functions) --------------------------------------------
@@ -363,6 +406,16 @@ def dequantize_int8(w: Tensor, scales: Tensor) -> Tensor:
     N, K = w.shape
     s = scales.float().reshape(N, -1)
     return (w.float().view(N, s.size(1), -1) * s[..., None]).view(N, K)
+
+
+def quantize_rows_int8(x: Tensor) -> Tensor:
+    """x (M, K) rounded as the int8-activation kernels round it, kept in x's dtype: per row and block of 32 inputs,
+    d = max |x| / 127 and x ~= round(x / d) * d (llama.cpp's Q8_0 activations)."""
+    M, K = x.shape
+    b = x.float().view(M, K // 32, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    q = torch.round(b * torch.where(amax > 0, 127 / amax, 0))
+    return (q * (amax / 127)).view(M, K).to(x.dtype)
 
 
 def int8_to_kernel(w: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:

@@ -106,6 +106,12 @@ def rows_alone(transformer: nn.Module) -> bool:
     return True
 
 
+def activations(transformer: nn.Module) -> str:
+    """How the model's quantized layers round activations: "int8" where they run kernels.cpp's int8-activation ops,
+    "int16" otherwise (the int16 kernels, and the float arithmetic of every other path)."""
+    return "int8" if any(getattr(m, "op", "").endswith("_q8") for m in transformer.modules()) else "int16"
+
+
 # ---- quantized layers ------------------------------------------------------------------------------------
 
 class Int8Linear(nn.Module):
@@ -119,15 +125,18 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(shape))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.kernel = None  # set by prepare() once the module is on its device
+        self.op = "int8_linear"  # kernels.cpp's op: int8_linear_q8 with int8 activations (prepare)
 
-    def prepare(self, device: torch.device | None = None) -> None:
+    def prepare(self, device: torch.device | None = None, activations: str = "int16") -> None:
         """Pick the kernel of the device (default: the module's; memory.py sizes a meta module for another); for
-        kernels.cpp, repack weight and scales into its layout (new tensors, so a tied embedding keeps its rows)."""
+        kernels.cpp, repack weight and scales into its layout (new tensors, so a tied embedding keeps its rows) and
+        take the op of its activations ("int16" or "int8", kernels.Cpu.activations)."""
         if self.kernel is not None:
             return
         groupsize = None if self.scales.dim() == 1 else self.in_features // self.scales.size(1)
         self.kernel = kernels.quantized_kernel(device or self.weight.device, "int8", self.in_features,
                                                self.out_features, groupsize)
+        self.op = "int8_linear_q8" if activations == "int8" and self.kernel == "cpp" else "int8_linear"
         if self.kernel == "cpp":
             self.weight, self.scales = kernels.int8_to_kernel(self.weight, self.scales.view(self.out_features, -1))
 
@@ -136,7 +145,7 @@ class Int8Linear(nn.Module):
         if self.kernel == "cast":  # a GPU: gpt-fast's form (cuda.py)
             y = kernels.int8_cast_linear(x2, self.weight, self.scales)
         elif self.kernel == "cpp":
-            y = kernels.run("int8_linear", x2, self.weight, self.scales)
+            y = kernels.run(self.op, x2, self.weight, self.scales)
         else:
             y = kernels.float_linear(x2, dequantize_int8(self.weight, self.scales.float().view(self.out_features, -1)))
         y = y.view(*x.shape[:-1], self.out_features)
@@ -168,13 +177,15 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.kernel = None  # set by prepare(), which packs `weight` for it
+        self.op = "int4_linear"  # kernels.cpp's op (as Int8Linear's)
 
-    def prepare(self, device: torch.device | None = None) -> None:
+    def prepare(self, device: torch.device | None = None, activations: str = "int16") -> None:
         """Repack the device-independent nibbles into the layout of the device's int4 kernel (as Int8Linear's)."""
         if self.kernel is not None:
             return
         device = device or self.weight.device
         kernel = kernels.quantized_kernel(device, "int4", self.in_features, self.out_features, self.groupsize)
+        self.op = "int4_linear_q8" if activations == "int8" and kernel == "cpp" else "int4_linear"
         if kernel == "cpp":  # (d, m) = (s, z - 8 s) per group, float16 (quantize_int4 makes them exact)
             s, z = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, G) each
             self.weight, self.scales_and_zeros = kernels.int4_to_kernel(unpack_int4(self.weight), s, z - 8 * s)
@@ -191,7 +202,7 @@ class Int4Linear(nn.Module):
         assert self.kernel is not None, "Int4Linear.prepare() must run after the module is on its device"
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "cpp":
-            y = kernels.run("int4_linear", x2, self.weight, self.scales_and_zeros)
+            y = kernels.run(self.op, x2, self.weight, self.scales_and_zeros)
         elif self.kernel == "cuda":  # bf16 in and out whatever the activations' dtype (cuda.py)
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.groupsize,
                                                    self.scales_and_zeros).to(x.dtype)
@@ -226,13 +237,14 @@ def swap_modules(model: nn.Module, quantization) -> None:
     model.tok_embeddings = Int8Embedding(emb.num_embeddings, emb.embedding_dim, quantization.int8_groupsize)
 
 
-def prepare(model: nn.Module, device: torch.device | None = None) -> None:
-    """Pick each quantized layer's kernel for the device it is on, or `device` (and repack its weights for it); give a
-    feed-forward whose w1 and w3 both use kernels.cpp's int8 kernel the fused int8_glu. On CPU a tied output
-    layer gets its own copy in the kernel's layout: 8-row groups would make every embedding lookup a gather."""
+def prepare(model: nn.Module, device: torch.device | None = None, activations: str = "int16") -> None:
+    """Pick each quantized layer's kernel for the device it is on, or `device` (and repack its weights for it), its
+    activations on kernels.cpp ("int16" or "int8": kernels.Cpu.activations); give a feed-forward whose w1 and w3 both
+    use kernels.cpp's int8 kernel the fused int8_glu. On CPU a tied output layer gets its own copy in the kernel's
+    layout: 8-row groups would make every embedding lookup a gather."""
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
-            m.prepare(device)
+            m.prepare(device, activations)
     for m in model.modules():
         if not isinstance(m, FeedForward):
             continue
@@ -244,5 +256,6 @@ def prepare(model: nn.Module, device: torch.device | None = None) -> None:
 
 def int8_glu(w1: Int8Linear, w3: Int8Linear, x: Tensor) -> Tensor:
     """FeedForward.glu for two int8 layers in kernels.cpp's layout."""
-    y = kernels.run("int8_glu", x.reshape(-1, w1.in_features), w1.weight, w1.scales, w3.weight, w3.scales)
+    op = "int8_glu_q8" if w1.op == "int8_linear_q8" else "int8_glu"
+    y = kernels.run(op, x.reshape(-1, w1.in_features), w1.weight, w1.scales, w3.weight, w3.scales)
     return y.view(*x.shape[:-1], w1.out_features)

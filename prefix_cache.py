@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+import layers
 from checkpoint import Checkpoint
 from files import BadFile, written
 from tokenizer import tokenizer_fingerprint
@@ -21,7 +22,8 @@ FORMAT_VERSION = 1
 
 
 def fingerprint(ckpt: Checkpoint, model) -> dict:
-    """What a prefix cache depends on: the checkpoint (config + weights file), its tokenizer, the cache dtype."""
+    """What a prefix cache depends on: the checkpoint (config + weights file), its tokenizer, the cache dtype, how its
+    quantized layers round activations (layers.activations)."""
     h = hashlib.sha256(ckpt.config_file.read_bytes())
     size = ckpt.weights.stat().st_size
     with open(ckpt.weights, "rb") as f:  # the file's size and its first and last MiB: cheap even for 100 GB files
@@ -29,7 +31,8 @@ def fingerprint(ckpt: Checkpoint, model) -> dict:
         f.seek(max(0, size - (1 << 20)))
         h.update(f.read(1 << 20))
     h.update(str(size).encode())
-    return {"checkpoint": h.hexdigest(), "tokenizer": tokenizer_fingerprint(ckpt.folder), "dtype": str(model.dtype)}
+    return {"checkpoint": h.hexdigest(), "tokenizer": tokenizer_fingerprint(ckpt.folder), "dtype": str(model.dtype),
+            "activations": layers.activations(model)}
 
 
 def save(path: Path, model, tokens: list[int], text: str, fp: dict) -> None:
@@ -55,8 +58,9 @@ def load(path: Path, fp: dict) -> dict:
         raise BadFile(path, f"not a fastllama prefix cache (version {FORMAT_VERSION})", remake)
     if not (len(data.get("k", ())) == len(data.get("v", ())) and isinstance(data.get("tokens"), list)):
         raise BadFile(path, "a damaged prefix cache (its keys, values and tokens do not agree)", remake)
-    for key, what in (("checkpoint", "checkpoint"), ("tokenizer", "tokenizer"), ("dtype", "precision")):
-        if data["fingerprint"][key] != fp[key]:
+    for key, what in (("checkpoint", "checkpoint"), ("tokenizer", "tokenizer"), ("dtype", "precision"),
+                      ("activations", "--quant_activations")):
+        if data["fingerprint"].get(key, "int16") != fp[key]:
             raise ValueError(f"{path} was made with a different {what} ({data['fingerprint'][key][:16]} vs "
                              f"{fp[key][:16]}); make it again with this model and precision")
     return data

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 import protocol as api
 import tp
 from checkpoint import PRECISIONS, Checkpoint, resolve_precision
-from cli import run_cli
+from cli import add_quant_activations_flag, run_cli
 from engine import Engine, Metrics, Output, QueueFull, Sampling
 from engine import Request as EngineRequest
 from generate import (
@@ -417,9 +417,10 @@ def prometheus(m: Metrics, running: int, waiting: int) -> str:
 # ---- the command ------------------------------------------------------------------------------------------
 
 def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: int, context: int, chunk: int,
-                prefill_budget: int, max_queue: int, compile: bool, name: str | None, url: str) -> Served:
+                prefill_budget: int, max_queue: int, compile: bool, name: str | None, url: str,
+                activations: str = "auto") -> Served:
     """Load the model, build the engine (compiling and warming up its decode step with --compile) and say so."""
-    model, tokenizer = load_model(ckpt, device, precision), get_tokenizer(ckpt.folder)
+    model, tokenizer = load_model(ckpt, device, precision, quant_activations=activations), get_tokenizer(ckpt.folder)
     step = compile_decode_rows(device, rows) if compile else decode_rows
     engine = Engine(model, tokenizer, rows=rows, context=context, chunk=chunk, prefill_budget=prefill_budget,
                     decode_step=step, max_queue=max_queue)
@@ -442,7 +443,7 @@ def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: in
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, host: str = "127.0.0.1", port: int = 8000, rows: int = 8,
          context: int | None = None, chunk: int = 64, prefill_budget: int | None = None, max_queue: int = 64,
          compile: bool = False, device: str | None = None, precision: str = "auto",
-         model_name: str | None = None) -> None:
+         model_name: str | None = None, quant_activations: str = "auto") -> None:
     """Serve the checkpoint over HTTP until interrupted (Ctrl-C) or terminated (SIGTERM).
 
     The HTTP server runs in a thread and the engine in the main thread: OpenMP's parallel regions, which every kernel
@@ -468,7 +469,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, host: str = "127.0.0.1",
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the step at hand, then stop
     try:
         state["served"] = load_served(ckpt, dev, precision, rows, context, chunk, prefill_budget, max_queue,
-                                      compile, model_name, url)
+                                      compile, model_name, url, quant_activations)
         state["served"].engine.run(stop)
     finally:
         server.should_exit = True
@@ -493,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto", help="activations dtype")
     p.add_argument("--model_name", type=str, default=None, help="the name clients use (default: the folder's)")
+    add_quant_activations_flag(p)
     return p
 
 

@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels
+import layers
 from checkpoint import Checkpoint
 from engine import Engine, QueueFull, Request, Sampling, StopText
 from generate import (
@@ -253,15 +254,18 @@ def test_cancel_frees_the_row_and_the_queue_is_bounded(tiny):
     assert engine.counts() == (0, 0) and engine.metrics.finished == {"cancelled": 2}
 
 
-@pytest.mark.parametrize("kind, compiled", [("bf16", False), ("int8", False), ("int4", False), ("bf16", True),
-                                            ("int8", True), ("int4", True)])
+@pytest.mark.parametrize("kind, activations", [("bf16", "int16"), ("int8", "int16"), ("int4", "int16"),
+                                               ("int8", "int8"), ("int4", "int8")])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_every_checkpoint_kind_batches_exactly(tiny_llama, tiny_quantized, reset_dynamo, logits_seen, kind,
-                                               compiled):
-    """bf16, int8 and int4 checkpoints, eager and compiled: requests in a batch get the logits they get alone, and
-    the greedy tokens of generate() alone (fp32 is test_batching_is_exact's; GGUF-imported, the real model's)."""
+                                               activations, compiled):
+    """bf16, int8 and int4 checkpoints, the quantized ones with int16 and int8 activations, eager and compiled:
+    requests in a batch get the logits they get alone, and the greedy tokens of generate() alone (fp32 is
+    test_batching_is_exact's; GGUF-imported, the real model's)."""
     path, precision = (tiny_llama[1], "bf16") if kind == "bf16" else (tiny_quantized[kind], "fp32")
     ckpt = Checkpoint.open(path)
-    model, alone = load_model(ckpt, "cpu", precision), load_model(ckpt, "cpu", precision)
+    model, alone = (load_model(ckpt, "cpu", precision, quant_activations=activations) for _ in "ab")
+    assert layers.activations(model) == (activations if kernels.cpu_kernels() else "int16")
     tok = get_tokenizer(ckpt.folder)
     # int8 / int4: w2's 96 inputs are no multiple of 64, so torch computes it, and every step computes all rows
     alone_ok = kind == "bf16" and kernels.cpu_kernels()
@@ -290,7 +294,11 @@ def check_kind(model, alone, tok, compiled: bool, logits_seen: dict, vocab: int 
 
 
 @pytest.mark.real_model
-def test_gguf_imported_default_model_batches_exactly(smollm2_dir, logits_seen):
+@pytest.mark.parametrize("activations", ["int16", "int8"])
+def test_gguf_imported_default_model_batches_exactly(smollm2_dir, logits_seen, activations):
+    """The default model, every layer on the kernels (each row computed alone), with either activation rounding."""
     path = smollm2_dir / "model_gguf.pth"
-    model, alone, tok = load_model(path, "cpu"), load_model(path, "cpu"), get_tokenizer(smollm2_dir)
+    model, alone = (load_model(path, "cpu", quant_activations=activations) for _ in "ab")
+    assert rows_alone(model) == kernels.cpu_kernels()
+    tok = get_tokenizer(smollm2_dir)
     check_kind(model, alone, tok, False, logits_seen, vocab=49152)

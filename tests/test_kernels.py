@@ -37,6 +37,7 @@ def test_op_table_schemas_fakes_and_references():
     q4 = kernels.int4_to_kernel(torch.randint(0, 16, (16, 128)), torch.rand(16, 4) * 0.1, torch.randn(16, 4))
     mask = torch.ones(2, 40, dtype=torch.bool)
     args = {"int8_linear": (x, *q8[0]), "int8_glu": (x, *q8[0], *q8[1]), "int4_linear": (x, *q4),
+            "int4_linear_q8": (x, *q4), "int8_linear_q8": (x, *q8[0]), "int8_glu_q8": (x, *q8[0], *q8[1]),
             "dense_linear": (x, w1), "dense_glu": (x, w1, w3),
             "decode_attention": (torch.randn(2, 4, 64), torch.randn(3, 2, 40, 64), torch.randn(3, 2, 40, 64), mask,
                                  torch.tensor([2, 0]))}
@@ -173,6 +174,7 @@ def quantized_and_dense_args(N: int, K: int, G: int) -> dict:
     q4 = kernels.int4_to_kernel(torch.randint(0, 16, (N, K)), torch.rand(N, G) * 0.1, torch.randn(N, G))
     w1, w3 = (torch.randn(N, K) / K**0.5 for _ in "ab")
     return {"int8_linear": q8[0], "int8_glu": (*q8[0], *q8[1]), "int4_linear": q4,
+            "int8_linear_q8": q8[0], "int8_glu_q8": (*q8[0], *q8[1]), "int4_linear_q8": q4,
             "dense_linear f32": (w1,), "dense_glu f32": (w1, w3),
             "dense_linear bf16": (w1.bfloat16(),), "dense_glu bf16": (w1.bfloat16(), w3.bfloat16())}
 
@@ -248,6 +250,69 @@ def test_gemm_widths_give_the_same_bits(width):
     with pytest.raises(RuntimeError, match="width must be 8 or 16"):
         torch.ops.fastllama.int4_linear(torch.randn(20, 128), *quantized_and_dense_args(96, 128, 1)["int4_linear"],
                                         1, 4)
+
+
+@needs_avx2
+@pytest.mark.parametrize("width", [8, 16])
+def test_int8_activation_kernels_every_row_count_and_width(width):
+    """The int8-activation ops (kernels_q8.h, one source over the vector width): at every row count, decode (1-16) and
+    prefill (17, 40, 400: rows 8 at a time), each row of the result is bit for bit the row alone, the same at width 16
+    (two row groups per vector, a layer of an odd count of groups ending on the 8-lane instance: N = 40) as at width 8,
+    and equal to the reference (x rounded by kernels.quantize_rows_int8, then float) to float rounding. Width 16 runs
+    only where the CPU has AVX-512 VNNI."""
+    assert kernels.cpu_kernels()
+    if width not in kernels.q8_widths():
+        pytest.skip(f"no AVX-512 VNNI here: the width-{width} int8-activation kernels are built, not run")
+    names = ("int8_linear_q8", "int8_glu_q8", "int4_linear_q8")
+    for N, K, G in [(40, 576, 18), (96, 128, 1), (1560, 576, 9)]:
+        torch.manual_seed(N + G)
+        args = quantized_and_dense_args(N, K, G)
+        for M in [*range(1, kernels.GEMV_MAX_ROWS + 1), 17, 40, 400]:
+            x = torch.randn(M, K)
+            for name in names:
+                op = getattr(torch.ops.fastllama, name)
+                y = op(x, *args[name], 4, width)
+                assert torch.equal(y, op(x, *args[name], 1, 8)), (name, M, N)
+                if M in (3, 16, 17, 400):
+                    alone = torch.cat([op(x[i:i + 1], *args[name], 1, width) for i in range(M)])
+                    assert torch.equal(y, alone), (name, M, N)
+                    close(y, kernels.OPS[name].reference(x, *args[name]), 2e-5)
+    with pytest.raises(RuntimeError, match="width must be 8 or 16"):
+        torch.ops.fastllama.int4_linear_q8(torch.randn(2, 128), *quantized_and_dense_args(96, 128, 1)["int4_linear"],
+                                           1, 4)
+
+
+@needs_avx2
+def test_int8_activations_round_as_the_reference_and_sum_exactly():
+    """x rounded to int8 per block exactly as kernels.quantize_rows_int8 says (an int8 layer of one-hot rows gives the
+    rounded x back, bit for bit: a zero block, an outlier, ties), and products exact at the int8 extremes: weights -128
+    and 127 against activations -127 and 127 (vpdpbusd's unsigned operand is x + 128, AVX2 widens to int16)."""
+    assert kernels.cpu_kernels()
+    K = 128
+    x = torch.randn(5, K)
+    x[1, :32] = 0  # a zero block
+    x[2, 40] = 1000.0  # an outlier: its block's other inputs round to 0
+    x[3, :32] = torch.arange(32) * 0.5 - 7.75  # 127 / 7.75 * v: steps that land on ties and near them
+    eye = kernels.int8_to_kernel(torch.eye(K, dtype=torch.int8), torch.ones(K, 1))
+    for width in kernels.q8_widths():
+        assert torch.equal(torch.ops.fastllama.int8_linear_q8(x, *eye, 1, width), kernels.quantize_rows_int8(x))
+    w = torch.tensor([-128, 127], dtype=torch.int8).repeat(16, K // 2)  # (16, K)
+    xs = torch.tensor([[127.0, -127.0] * (K // 2), [-127.0, -127.0] * (K // 2)])  # rounds to itself (d = 1)
+    exact = (xs.double() @ w.double().T).float()
+    for width in kernels.q8_widths():
+        assert torch.equal(torch.ops.fastllama.int8_linear_q8(xs, *kernels.int8_to_kernel(w, torch.ones(16, 4)), 1,
+                                                              width), exact)
+
+
+@pytest.mark.parametrize("cpu, auto", [(Cpu("AVX2", False), "int16"), (Cpu("AVX512", True, False), "int16"),
+                                       (Cpu("AVX512", True, True), "int8"), (Cpu("DEFAULT", False, True), "int16")])
+def test_activations_rule_per_cpu(cpu, auto):
+    """--quant_activations auto is int8 where the CPU has AVX-512 VNNI, int16 elsewhere; int16 / int8 asked for are
+    kept; any other value is one clear error."""
+    assert cpu.activations("auto") == auto
+    assert cpu.activations("int16") == "int16" and cpu.activations("int8") == "int8"
+    with pytest.raises(ValueError, match="unknown --quant_activations 'int4'; use one of auto, int16, int8"):
+        cpu.activations("int4")
 
 
 @needs_avx2
@@ -469,13 +534,15 @@ def test_float_model_compiled_decode_matches_eager(tiny_llama, reset_dynamo, mon
 
 
 @needs_avx2
-@pytest.mark.parametrize("precision", ["int8", "bf16"])
+@pytest.mark.parametrize("precision", ["int8-int16", "int8-int8", "bf16"])
 def test_fused_glu_steps_aside_for_hooks_on_w1_and_w3(tiny_llama, tiny_quantized, precision):
     """A forward hook on w1 or w3 (a transform's, a user's) runs, and sees what it changes used, although the
     feed-forward has a fused glu (int8_glu / dense_glu) that would skip those modules."""
     _, folder = tiny_llama
-    if precision == "int8":
-        model, kind = load_model(tiny_quantized["int8"], "cpu", "fp32"), "int8_glu"
+    if precision.startswith("int8"):  # int16 or int8 activations: int8_glu or int8_glu_q8
+        activations = precision.split("-")[1]
+        model = load_model(tiny_quantized["int8"], "cpu", "fp32", quant_activations=activations)
+        kind = "int8_glu" if activations == "int16" else "int8_glu_q8"
     else:
         model, kind = load_model(folder, "cpu", "bf16"), "dense_glu"
     ff = model.layers[0].feed_forward
@@ -604,13 +671,14 @@ def test_row_tiles_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch)
     assert kernels.cpu_kernels()
     state = torch.get_rng_state()
     measured = kernels.measure_tiles()
-    assert set(measured) == {"int8", "int4", "dense", "gemm"} and measured["gemm"] in kernels.gemm_widths()
-    assert {measured[f] for f in ("int8", "int4", "dense")} <= set(kernels.TILES)
+    assert set(measured) == kernels.TUNED and measured["gemm"] in kernels.gemm_widths()
+    assert {measured[f] for f in ("int8", "int4", "dense", "q8")} <= set(kernels.TILES)
+    assert measured["q8_width"] in kernels.q8_widths()
     assert torch.equal(torch.get_rng_state(), state)  # a --seed's samples are the same on the run that measures
     monkeypatch.setattr(kernels, "build_directory", lambda: tmp_path)
     (tmp_path / "tiles.json").write_text("{not json")
     calls = []
-    tiles = {"int8": 4, "int4": 2, "dense": 1, "gemm": 8}
+    tiles = {"int8": 4, "int4": 2, "dense": 1, "gemm": 8, "q8": 4, "q8_width": 8}
     monkeypatch.setattr(kernels, "measure_tiles", lambda: calls.append(1) or dict(tiles))
     kernels.tuned_tiles.cache_clear()
     try:
@@ -631,5 +699,11 @@ def test_row_tiles_are_measured_once_per_machine_and_kept(tmp_path, monkeypatch)
         kernels.run("int4_linear", torch.randn(2, 64), torch.zeros(8, 32, dtype=torch.uint8),
                     torch.zeros(1, 2, 2, 8, dtype=torch.half))
         assert seen == [(2, 16)]
+        monkeypatch.setitem(kernels._tiles, "q8", 1)
+        monkeypatch.setitem(kernels._tiles, "q8_width", 16)  # the int8-activation ops: their own tile and width
+        monkeypatch.setattr(torch.ops.fastllama, "int4_linear_q8", lambda *a: seen.append(a[-2:]) or a[0])
+        kernels.run("int4_linear_q8", torch.randn(2, 64), torch.zeros(8, 32, dtype=torch.uint8),
+                    torch.zeros(1, 2, 2, 8, dtype=torch.half))
+        assert seen == [(2, 16), (1, 16)]
     finally:
         kernels.tuned_tiles.cache_clear()

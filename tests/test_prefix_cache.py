@@ -7,6 +7,7 @@ import torch
 from helpers import assert_one_line_error, run_in_process
 
 import generate as gen
+import kernels
 import prefix_cache
 from checkpoint import Checkpoint
 from generate import generate, generate_cached, load_model, prefill
@@ -65,6 +66,13 @@ def test_prefix_cache_refuses_another_model_tokenizer_or_precision(tiny_llama, t
         prefix_cache.load(path, prefix_cache.fingerprint(int8, load_model(int8, "cpu", "fp32")))
     with pytest.raises(ValueError, match="different precision"):
         prefix_cache.load(path, prefix_cache.fingerprint(ckpt, load_model(folder, "cpu", "bf16")))
+    q16, q8 = (load_model(int8, "cpu", "fp32", quant_activations=a) for a in ("int16", "int8"))
+    prefix_cache.save(tmp_path / "q16.pt", q16, prefill_prefix(q16, tok), PREFIX, prefix_cache.fingerprint(int8, q16))
+    if kernels.cpu_kernels():  # int8 activations where the int8 layers run kernels.cpp: another cache's numbers
+        with pytest.raises(ValueError, match="different --quant_activations"):
+            prefix_cache.load(tmp_path / "q16.pt", prefix_cache.fingerprint(int8, q8))
+    else:  # elsewhere both are the float path's arithmetic: the cache fits
+        assert prefix_cache.load(tmp_path / "q16.pt", prefix_cache.fingerprint(int8, q8))["tokens"]
     other = tmp_path / "other_tokenizer"
     shutil.copytree(folder, other)
     (other / "tokenizer.model").write_bytes((folder / "tokenizer.model").read_bytes() + b"\0")

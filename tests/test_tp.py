@@ -17,8 +17,10 @@ IDX = torch.tensor([[5, 80, 13, 200, 7, 9, 301, 44]])
 
 
 def reference(path, transform=None):
-    """Logits of IDX and 16 greedy tokens, for the whole model or (transform=tp.shard) this rank's slices."""
-    model = load_model(path, "cpu", "fp32", transform=transform)
+    """Logits of IDX and 16 greedy tokens, for the whole model or (transform=tp.shard) this rank's slices. int16
+    activations (the exact mode): a rank's slice of a row-parallel layer (wo: 32 inputs) is too narrow for the
+    kernels and computes in float, where the whole layer would round its input to int8 with int8 activations."""
+    model = load_model(path, "cpu", "fp32", transform=transform, quant_activations="int16")
     model.setup_caches(1, 40)
     with torch.no_grad():
         logits = model(IDX, torch.arange(IDX.size(1)))
