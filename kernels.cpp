@@ -736,19 +736,29 @@ struct Int8Input {
   std::vector<float> d, s;
 };
 
-const Int8Input& quantize_input8(const at::Tensor& xf, int64_t G) {
+const Int8Input& quantize_input8(const at::Tensor& xf, int64_t G) {  // G = 0: no group sums (int8 weights)
   thread_local Int8Input buf;  // as QuantizedInput's
   const int64_t M = xf.size(0), K = xf.size(1);
   buf.q.resize(M * K), buf.d.resize(M * K / 32), buf.s.assign(M * G, 0.f);
   for (int64_t m = 0; m < M; ++m)
-    quantize_x8(xf.data_ptr<float>() + m * K, K, buf.q.data() + m * K, buf.d.data() + m * K / 32, buf.s.data() + m * G,
-                K / G / 32);
+    quantize_x8(xf.data_ptr<float>() + m * K, K, buf.q.data() + m * K, buf.d.data() + m * K / 32,
+                G > 0 ? buf.s.data() + m * G : nullptr, G > 0 ? K / G / 32 : 1);
   return buf;
 }
 
+// f(wide, g) for each work item of an int8-activation op of N output rows at `width` (8 or 16) rows per item, g the
+// item's first row group of 8, on torch's threads: wide false for a last group that has no pair at width 16, which the
+// 8-lane instance computes (the same bits)
+template <typename F>
+void q8_items(int64_t N, int64_t width, const F& f) {
+  const int64_t items = N / width, tail = N % width;
+  parallel_chunks(items + (tail ? 1 : 0), std::max<int64_t>(32 / width, 1), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(i < items, i * width / 8);
+  });
+}
+
 // int4_linear with x rounded to int8 per block (llama.cpp's Q4_1 x Q8_1): every row of x by kernels_q8.h's kernel, at
-// any M (prefill rows 4 at a time), 8 or 16 output rows per vector as `width` says; a layer whose row groups do not
-// pair up leaves its last 8 rows to the 8-lane instance (the same bits).
+// any M (prefill rows 8 at a time), 8 or 16 output rows per vector as `width` says (q8_items).
 at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm, int64_t tile, int64_t width) {
   const int64_t M = x.size(0), N = w.size(0), K = 2 * w.size(1), G = dm.size(2);
   tile = M > kGemvMaxRows ? 8 : check_tile(tile), width = check_q8_width(width, M);
@@ -761,13 +771,9 @@ at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Te
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
-  const int64_t lanes = width, items = N / lanes, tail = N % lanes;
   const auto wide = width == 16 ? &fastllama_avx512::int4_q8 : &int4_q8_block;
-  parallel_chunks(items + (tail ? 1 : 0), std::max<int64_t>(32 / lanes, 1), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t g = i * lanes / 8;  // the item's first row group
-      (i < items ? wide : &int4_q8_block)(tile, M, qp, dp, sp, K, wp + g * 4 * K, mp + g * 16 * G, G, yp + g * 8, N);
-    }
+  q8_items(N, width, [&](bool paired, int64_t g) {
+    (paired ? wide : &int4_q8_block)(tile, M, qp, dp, sp, K, wp + g * 4 * K, mp + g * 16 * G, G, yp + g * 8, N);
   });
   return in_dtype(y, x.scalar_type());
 }
@@ -779,7 +785,7 @@ at::Tensor int8_q8_call(const at::Tensor& x, const at::Tensor& w1, const at::Ten
   tile = M > kGemvMaxRows ? 8 : check_tile(tile), width = check_q8_width(width, M);
   const at::Tensor xf = as_float(x);
   at::Tensor y = at::empty({M, N}, xf.options());
-  const Int8Input& xin = quantize_input8(xf, 1);
+  const Int8Input& xin = quantize_input8(xf, 0);
   thread_local std::vector<uint8_t> u;  // x's bytes ^ 0x80: x + 128, for vpdpbusd's unsigned operand
   u.resize(M * K);
   for (int64_t i = 0; i < M * K; ++i) u[i] = uint8_t(xin.q[i]) ^ 0x80;
@@ -789,15 +795,11 @@ at::Tensor int8_q8_call(const at::Tensor& x, const at::Tensor& w1, const at::Ten
   const float* sp[2] = {s1.data_ptr<float>(), s3 ? s3->data_ptr<float>() : nullptr};
   const int8_t* wp[2] = {w1.data_ptr<int8_t>(), w3 ? w3->data_ptr<int8_t>() : nullptr};
   float* yp = y.data_ptr<float>();
-  const int64_t lanes = width, items = N / lanes, tail = N % lanes;
   const auto wide = width == 16 ? &fastllama_avx512::int8_q8 : &int8_q8_block;
-  parallel_chunks(items + (tail ? 1 : 0), std::max<int64_t>(32 / lanes, 1), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t g = i * lanes / 8;  // the item's first row group
-      (i < items ? wide : &int8_q8_block)(tile, M, qp, up, dp, K, wp[0] + g * 8 * K, sp[0] + g * 8 * G,
-                                          w3 ? wp[1] + g * 8 * K : nullptr, w3 ? sp[1] + g * 8 * G : nullptr, G,
-                                          yp + g * 8, N);
-    }
+  q8_items(N, width, [&](bool paired, int64_t g) {
+    (paired ? wide : &int8_q8_block)(tile, M, qp, up, dp, K, wp[0] + g * 8 * K, sp[0] + g * 8 * G,
+                                     w3 ? wp[1] + g * 8 * K : nullptr, w3 ? sp[1] + g * 8 * G : nullptr, G,
+                                     yp + g * 8, N);
   });
   return in_dtype(y, x.scalar_type());
 }

@@ -58,6 +58,11 @@ class Cpu:
     def avx2(self) -> bool:
         return self.capability in ("AVX2", "AVX512")
 
+    @property
+    def avx512_vnni(self) -> bool:
+        """AVX-512 with VNNI: the int8-activation kernels' 16-row instance runs (kernels_avx512.cpp)."""
+        return self.capability == "AVX512" and self.vnni
+
     def gemm(self, weight: torch.dtype | None) -> bool:
         """Whether kernels.cpp's GEMM takes prefill rows of a weight of this dtype (None: int8 / int4). Quantized
         weights always: panels unpacked from their layouts beat dequantizing the whole layer for MKL on every CPU
@@ -67,13 +72,14 @@ class Cpu:
 
     def activations(self, requested: str) -> str:
         """How quantized layers on kernels.cpp round their activations: "int16" (per block of 32, ~1e-5 of the float
-        result: the exact mode) or "int8" (per block of 32, llama.cpp's Q8 activations: perplexity within 0.5%,
-        docs/kernels.md). "auto" is int8 where the CPU has AVX-512 VNNI, whose vpdpbusd makes it 2-3x faster at 8
-        rows, and int16 elsewhere (AVX2's int8 kernels are no faster than the exact ones for int8 weights)."""
+        result: the exact mode) or "int8" (per block of 32, llama.cpp's Q8 activations: perplexity +0.2% to +0.6% on
+        the default model, docs/kernels.md). "auto" is int8 where the CPU has AVX-512 VNNI, whose vpdpbusd makes it
+        2-3x faster at 8 rows, and int16 elsewhere (AVX2's int8 kernels are slower than the exact ones for int8
+        weights)."""
         if requested not in ACTIVATIONS:
             raise ValueError(f"unknown --quant_activations {requested!r}; use one of {', '.join(ACTIVATIONS)}")
         if requested == "auto":
-            return "int8" if self.capability == "AVX512" and self.vnni else "int16"
+            return "int8" if self.avx512_vnni else "int16"
         return requested
 
 
@@ -298,7 +304,7 @@ def gemm_widths() -> tuple[int, ...]:
 def q8_widths() -> tuple[int, ...]:
     """The vector widths (output rows) of the int8-activation kernels this CPU runs: AVX2's 8, and 16 where it has
     AVX-512 with VNNI. Every width gives the same bits (kernels_q8.h)."""
-    return (8, 16) if this_cpu().capability == "AVX512" and this_cpu().vnni else (8,)
+    return (8, 16) if this_cpu().avx512_vnni else (8,)
 
 
 def _tuning_args(family: str, gen: torch.Generator) -> tuple:
@@ -385,7 +391,8 @@ _tiles: dict[str, int] = {}  # tuned_tiles(), copied in once by cpu_kernels(): a
 
 
 def row_tile(family: str) -> int:
-    """The tile the decode kernels of a family ("int8", "int4", "dense", "q8") run with on this machine (tuned_tiles)."""
+    """The tile the decode kernels of a family ("int8", "int4", "dense", "q8") run with on this machine
+    (tuned_tiles)."""
     return _tiles.get(family, 1)
 
 

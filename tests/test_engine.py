@@ -32,6 +32,14 @@ def tiny(tiny_llama):
     return load_model(folder, "cpu", "fp32"), load_model(folder, "cpu", "fp32"), get_tokenizer(folder)
 
 
+@pytest.fixture(scope="module")
+def tiny_q8(tiny_quantized):
+    """As tiny, for the int4 tiny model with int8 activations (where the kernels are built)."""
+    path = tiny_quantized["int4"]
+    model, alone = (load_model(path, "cpu", "fp32", quant_activations="int8") for _ in "ab")
+    return model, alone, get_tokenizer(path.parent)
+
+
 def test_prefill_pieces_cut_at_multiples_of_the_chunk():
     assert prefill_pieces(0, 40, 16) == [(0, 16), (16, 32), (32, 40)]
     assert prefill_pieces(16, 40, 16) == [(16, 32), (32, 40)] and prefill_pieces(5, 20, 16) == [(5, 16), (16, 20)]
@@ -117,15 +125,19 @@ def same_bits(a: list, b: list) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("kind", ["fp32", "int4-int8"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_batching_is_exact(tiny, reset_dynamo, logits_seen, compiled):
+def test_batching_is_exact(request, reset_dynamo, logits_seen, compiled, kind):
     """Requests arriving at random steps, with random prompts (some sharing a prefix) and lengths, through ROWS rows:
     each gets, at temperature 0, the tokens generate() gives it alone with the same prefill pieces, and its logits
     are bit for bit those it gets alone in an engine with nothing else and nothing cached (the same arithmetic
-    whatever else is in the batch or was computed before it), eager and compiled."""
-    model, alone, tok = tiny
-    # every layer on kernels.cpp where they are built: a lone row is decoded alone, the others' count varies
-    assert rows_alone(model) == kernels.cpu_kernels()
+    whatever else is in the batch or was computed before it), eager and compiled; for the fp32 tiny model and for the
+    int4 one with int8 activations (kernels_q8.h's ops at every count of rows)."""
+    model, alone, tok = request.getfixturevalue("tiny" if kind == "fp32" else "tiny_q8")
+    if kind == "fp32":  # every layer on kernels.cpp where they are built: a lone row is decoded alone
+        assert rows_alone(model) == kernels.cpu_kernels()
+    else:  # w2's 96 inputs are no multiple of 64: torch computes it, and every step computes all rows
+        assert not rows_alone(model) and layers.activations(model) == ("int8" if kernels.cpu_kernels() else "int16")
     step = compile_decode_rows(torch.device("cpu"), ROWS) if compiled else decode_rows
     ref_step = compile_step(decode_one_token, torch.device("cpu")) if compiled else None
     expected = {}
