@@ -25,7 +25,8 @@ def add_quant_activations_flag(p: argparse.ArgumentParser) -> None:
     """--quant_activations, as every command that loads a model reads it (kernels.Cpu.activations resolves it)."""
     p.add_argument("--quant_activations", choices=["auto", "int16", "int8"], default="auto",
                    help="how int8 / int4 layers round activations on the CPU: int16 (exact to ~1e-5), int8 "
-                        "(llama.cpp's Q8, faster; perplexity +0.2-0.6%%), auto: int8 where the CPU has AVX-512 VNNI")
+                        "(llama.cpp's Q8, faster; perplexity +0.2-0.6%%), auto: int8 for int4 layers where the CPU "
+                        "has AVX-512 VNNI")
 
 
 def run_cli(main_fn: Callable, parser: argparse.ArgumentParser, args: list[str] | None = None):

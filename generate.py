@@ -19,6 +19,7 @@ from torch import Tensor
 import cli
 import cuda
 import files
+import huge_pages
 import kernels
 import layers
 import prefix_cache
@@ -228,7 +229,8 @@ def resolve_device(device: str | None) -> torch.device:
 def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None, quant_activations: str = "auto"
                ) -> Transformer:
     """The Transformer of a checkpoint (a Checkpoint, a folder or its model.pth) on device, in precision; a quantized
-    one's layers on the C++ kernels round their activations as kernels.Cpu.activations resolves quant_activations.
+    one's layers on the C++ kernels round their activations as kernels.Cpu.activations resolves quant_activations
+    for their kind.
 
     transform(model), when given, cuts or places the model while its weights are still where the checkpoint left them
     (the CPU): tp.shard keeps this rank's slices, tp.split_layers puts runs of layers on their devices; so a device
@@ -236,7 +238,7 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
     """
     ckpt = Checkpoint.open(checkpoint)
     device = torch.device(device)
-    activations = kernels.this_cpu().activations(quant_activations)
+    kernels.this_cpu().activations(quant_activations)  # an unknown value: one line before anything loads
     dtype = PRECISIONS[resolve_precision(precision, ckpt.quantization, device)]
     model = ckpt.build()
     model.load_state_dict(ckpt.state_dict(), assign=True)
@@ -254,11 +256,11 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
     if ckpt.args.tie_embeddings and model.output.weight.device == model.device:
         model.tie_weights()  # .to() copies a tied layer's buffers (an int8 table) one module at a time
     if ckpt.quantization is not None:
-        layers.prepare(model, activations=activations)
+        layers.prepare(model, activations=quant_activations)
     if model.device.type == "cpu":
         layers.use_cpu_attention(model)  # decode attention over the visible cache positions only (C++)
         # decode streams every weight once per token: fewer TLB misses
-        kernels.weights_in_huge_pages(model, dtype if cast_later else None)
+        huge_pages.weights_in_huge_pages(model, dtype if cast_later else None)
     return model
 
 

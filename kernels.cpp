@@ -718,16 +718,13 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return in_dtype(y, x.scalar_type());
 }
 
-// The int8-activation ops' `width`: 8 (AVX2) or 16 (AVX-512 with VNNI, where the CPU has it); 0 is 8. One or two rows
-// of x take 8 whatever the width asked: their weights come from memory, not cache, and one 8-row group per work item
-// streams them faster than two side by side (default model, Zen 5: int4 layers 2.04 against 2.38 ms a step at one
-// row, 2.65 against 2.82 at two, 3.69 against 3.19 at four). Every width gives the same bits.
-inline int64_t check_q8_width(int64_t width, int64_t M) {
+// The int8-activation ops' `width`: 8 (AVX2) or 16 (AVX-512 with VNNI, where the CPU has it); 0 is 8
+inline int64_t check_q8_width(int64_t width) {
   TORCH_CHECK(width == 0 || width == 8 || width == 16, "width must be 8 or 16");
   TORCH_CHECK(width != 16 || (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")),
               "width 16 needs a CPU with AVX-512 F, BW, VL and VNNI");
-  return width == 0 || M <= 2 ? 8 : width;
+  return width == 0 ? 8 : width;
 }
 
 // x rounded to int8 per block (quantize_x8) for every row: (M, K) int8, (M, K / 32) scales, (M, G) group sums
@@ -761,7 +758,11 @@ void q8_items(int64_t N, int64_t width, const F& f) {
 // any M (prefill rows 8 at a time), 8 or 16 output rows per vector as `width` says (q8_items).
 at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm, int64_t tile, int64_t width) {
   const int64_t M = x.size(0), N = w.size(0), K = 2 * w.size(1), G = dm.size(2);
-  tile = M > kGemvMaxRows ? 8 : check_tile(tile), width = check_q8_width(width, M);
+  // One or two rows of x take width 8 whatever was asked: their weights come from memory, not cache, and one 8-row
+  // group per work item streams them faster than two side by side (default model, Zen 5: int4 layers 2.04 against
+  // 2.38 ms a step at one row, 2.65 against 2.82 at two, 3.69 against 3.19 at four). The same bits either way.
+  tile = M > kGemvMaxRows ? 8 : check_tile(tile), width = check_q8_width(width);
+  if (M <= 2) width = 8;
   check_int4(x, w, dm);
   const at::Tensor xf = as_float(x);
   at::Tensor y = at::empty({M, N}, xf.options());
@@ -782,7 +783,7 @@ at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Te
 at::Tensor int8_q8_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor* w3,
                         const at::Tensor* s3, int64_t tile, int64_t width) {
   const int64_t M = x.size(0), N = w1.size(0), K = w1.size(1), G = s1.size(1);
-  tile = M > kGemvMaxRows ? 8 : check_tile(tile), width = check_q8_width(width, M);
+  tile = M > kGemvMaxRows ? 8 : check_tile(tile), width = check_q8_width(width);
   const at::Tensor xf = as_float(x);
   at::Tensor y = at::empty({M, N}, xf.options());
   const Int8Input& xin = quantize_input8(xf, 0);

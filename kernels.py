@@ -1,5 +1,5 @@
 """CPU fast paths: the C++ ops of kernels.cpp, when each one may run (OPS, the one table), their PyTorch reference,
-the kernels' weight layouts, weights in huge pages, and how a step is compiled on a CPU (compile_cpu).
+the kernels' weight layouts, and how a step is compiled on a CPU (compile_cpu). Weights in huge pages: huge_pages.py.
 
 kernels.cpp (with kernels_avx512.cpp: the AVX-512 instance of the prefill GEMM's tile, kernels_vec.h) is compiled
 once per source content with torch.utils.cpp_extension (in ~/.cache/torch_extensions/fastllama_kernels_<hash>,
@@ -18,12 +18,9 @@ The int8 / int4 kernels round activations to int16 per block of 32 (error below 
 value, far finer than bf16); their *_q8 twins (kernels_q8.h) round them to int8 per block, as llama.cpp does
 (Cpu.activations says which a model uses); quantized_kernel says which layers they take.
 """
-import ctypes
-import ctypes.util
 import functools
 import hashlib
 import json
-import mmap
 import os
 import subprocess
 import sys
@@ -35,7 +32,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 import cuda
 import model
@@ -70,16 +67,17 @@ class Cpu:
         arithmetic: with it, MKL's bf16 GEMM beats widening the weight to float32 (docs/kernels.md has the figures)."""
         return weight != torch.bfloat16 or not self.half_arithmetic
 
-    def activations(self, requested: str) -> str:
-        """How quantized layers on kernels.cpp round their activations: "int16" (per block of 32, ~1e-5 of the float
-        result: the exact mode) or "int8" (per block of 32, llama.cpp's Q8 activations: perplexity +0.2% to +0.6% on
-        the default model, docs/kernels.md). "auto" is int8 where the CPU has AVX-512 VNNI, whose vpdpbusd makes it
-        2-3x faster at 8 rows, and int16 elsewhere (AVX2's int8 kernels are slower than the exact ones for int8
-        weights)."""
+    def activations(self, requested: str, kind: str = "int4") -> str:
+        """How a quantized layer of this kind ("int8" or "int4" weights) on kernels.cpp rounds its activations:
+        "int16" (per block of 32, ~1e-5 of the float result: the exact mode) or "int8" (per block of 32, llama.cpp's
+        Q8 activations: perplexity +0.2% to +0.6% on the default model, docs/kernels.md). "auto" is int8 for int4
+        layers where the CPU has AVX-512 VNNI (vpdpbusd: 1.7x less time in them at 8 rows of the default model, no
+        slower at 1), int16 elsewhere: int8 layers stream twice the bytes and gain 10-20% at 8 rows but lose as much at
+        1, and AVX2's int8 kernels are slower than the exact ones."""
         if requested not in ACTIVATIONS:
             raise ValueError(f"unknown --quant_activations {requested!r}; use one of {', '.join(ACTIVATIONS)}")
         if requested == "auto":
-            return "int8" if self.avx512_vnni else "int16"
+            return "int8" if self.avx512_vnni and kind == "int4" else "int16"
         return requested
 
 
@@ -87,10 +85,17 @@ ACTIVATIONS = ("auto", "int16", "int8")  # Cpu.activations' choices
 
 
 @functools.cache
-def this_cpu() -> Cpu:
-    """The CPU this process runs on."""
+def machine_cpu() -> Cpu:
+    """The CPU this process runs on, as found: what the kernels can execute here and the tuning measures on."""
     half = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return Cpu(torch.backends.cpu.get_cpu_capability(), half, torch.cpu._is_vnni_supported())
+
+
+def this_cpu() -> Cpu:
+    """The CPU the rules (Cpu.gemm, Cpu.activations, ...) decide for: machine_cpu(), which tests replace by each kind
+    of CPU in turn. What the machine can execute (the widths, the tiles file) stays machine_cpu()'s, so a test forcing
+    another CPU never changes what is measured or kept."""
+    return machine_cpu()
 
 
 # ---- the ops: one table ----------------------------------------------------------------------------------
@@ -298,13 +303,13 @@ GEMM_ROWS = 64  # the prefill rows the GEMM's widths are timed at (a server's pr
 def gemm_widths() -> tuple[int, ...]:
     """The vector widths (floats) of the prefill GEMM this CPU runs: AVX2's 8, and AVX-512's 16 where it has AVX-512
     F / BW / DQ / VL (torch's "AVX512" capability). Every width gives the same bits (kernels_vec.h)."""
-    return (8, 16) if this_cpu().capability == "AVX512" else (8,)
+    return (8, 16) if machine_cpu().capability == "AVX512" else (8,)
 
 
 def q8_widths() -> tuple[int, ...]:
     """The vector widths (output rows) of the int8-activation kernels this CPU runs: AVX2's 8, and 16 where it has
     AVX-512 with VNNI. Every width gives the same bits (kernels_q8.h)."""
-    return (8, 16) if this_cpu().avx512_vnni else (8,)
+    return (8, 16) if machine_cpu().avx512_vnni else (8,)
 
 
 def _tuning_args(family: str, gen: torch.Generator) -> tuple:
@@ -363,7 +368,7 @@ def _machine() -> str:
                  if ln.startswith("model name")]
     except OSError:
         names = []
-    return f"{names[0] if names else 'unknown'} / {this_cpu().capability}"
+    return f"{names[0] if names else 'unknown'} / {machine_cpu().capability}"
 
 
 @functools.cache
@@ -474,71 +479,6 @@ def dequantize_int4_kernel(w: Tensor, dm: Tensor) -> Tensor:
     q, d, m = int4_from_kernel(w, dm)
     N, K = q.shape
     return (q.float().view(N, d.size(1), -1) * d[..., None] + m[..., None]).view(N, K)
-
-
-# ---- weights in huge pages --------------------------------------------------------------------------------
-
-def huge_page_arena(nbytes: int) -> mmap.mmap:
-    """An anonymous mapping of nbytes that Linux may back with 2 MiB pages (madvise MADV_HUGEPAGE where available;
-    elsewhere it still works, in small pages)."""
-    arena = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            arena.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    return arena
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give the heap's freed pages back to the system (glibc malloc_trim; a no-op elsewhere). glibc keeps freed
-    blocks under its adaptive mmap threshold (up to 32 MiB) in the heap, so the copies a load makes and drops would
-    otherwise stay resident."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def weights_in_huge_pages(module: nn.Module, dtype: torch.dtype | None = None) -> None:
-    """Move every parameter and buffer of a CPU module into one huge-page arena; tied ones stay tied. With dtype,
-    floating-point ones are cast to it on the way, as module.to(dtype) would, in the same one copy.
-
-    A decode step streams every weight once. In 4 KiB pages (how the checkpoint's mmap and repacked int4
-    weights come) each 4 KiB costs a TLB miss and restarts the hardware prefetcher (docs/kernels.md).
-    Each copy has its own storage (torch.frombuffer), so torch.compile sees no aliasing between them. Tensors move
-    one at a time and the module lets each original go once copied (its memory back to the system every 8 MiB),
-    so the load holds the weights about once more than they take, not twice (memory.load_bytes).
-    """
-    slots: dict[int, list] = {}  # id(tensor) -> [tensor, (module, kind, name), ...]
-    for m in module.modules():
-        for kind in ("_parameters", "_buffers"):
-            for name, t in getattr(m, kind).items():
-                if t is not None and t.device.type == "cpu" and t.numel():
-                    slots.setdefault(id(t), [t]).append((m, kind, name))
-    cast = lambda t: dtype if dtype is not None and t.is_floating_point() else t.dtype  # noqa: E731
-    sizes = [(e[0].numel() * cast(e[0]).itemsize + 63) // 64 * 64 for e in slots.values()]
-    arena, offset, freed = huge_page_arena(sum(sizes)), 0, 0
-    for key, n in zip(list(slots), sizes):
-        t, *where = slots.pop(key)
-        raw = torch.frombuffer(arena, dtype=torch.uint8, count=t.numel() * cast(t).itemsize, offset=offset)
-        c = raw.view(cast(t)).view(t.shape).copy_(t.detach())
-        c = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
-        for m, kind, name in where:
-            getattr(m, kind)[name] = c
-        del t, raw, c, where
-        offset, freed = offset + n, freed + n
-        if freed >= 8 * 2**20:
-            release_freed_memory()
-            freed = 0
-    release_freed_memory()
 
 
 # ---- compiling a step on a CPU ----------------------------------------------------------------------------

@@ -107,9 +107,18 @@ def rows_alone(transformer: nn.Module) -> bool:
 
 
 def activations(transformer: nn.Module) -> str:
-    """How the model's quantized layers round activations: "int8" where they run kernels.cpp's int8-activation ops,
-    "int16" otherwise (the int16 kernels, and the float arithmetic of every other path)."""
-    return "int8" if any(getattr(m, "op", "").endswith("_q8") for m in transformer.modules()) else "int16"
+    """How the model's quantized layers on kernels.cpp round activations: "int8" where they run its int8-activation
+    ops, "int16" where its int16 ones or none (every other path computes in float); where the int8 and the int4
+    layers differ (--quant_activations auto), each kind's, e.g. "int8 for int4 layers, int16 for int8 layers"."""
+    modes: dict[str, set[str]] = {}
+    for m in transformer.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)) and m.kernel == "cpp":  # the others compute in float
+            kind = "int8" if isinstance(m, Int8Linear) else "int4"
+            modes.setdefault(kind, set()).add("int8" if m.op.endswith("_q8") else "int16")
+    every = set().union(*modes.values())
+    if len(every) <= 1:
+        return every.pop() if every else "int16"
+    return ", ".join(f"{'/'.join(sorted(v))} for {k} layers" for k, v in sorted(modes.items()))
 
 
 # ---- quantized layers ------------------------------------------------------------------------------------
@@ -130,13 +139,14 @@ class Int8Linear(nn.Module):
     def prepare(self, device: torch.device | None = None, activations: str = "int16") -> None:
         """Pick the kernel of the device (default: the module's; memory.py sizes a meta module for another); for
         kernels.cpp, repack weight and scales into its layout (new tensors, so a tied embedding keeps its rows) and
-        take the op of its activations ("int16" or "int8", kernels.Cpu.activations)."""
+        take the op of its activations (--quant_activations, as kernels.Cpu.activations resolves it)."""
         if self.kernel is not None:
             return
         groupsize = None if self.scales.dim() == 1 else self.in_features // self.scales.size(1)
         self.kernel = kernels.quantized_kernel(device or self.weight.device, "int8", self.in_features,
                                                self.out_features, groupsize)
-        self.op = "int8_linear_q8" if activations == "int8" and self.kernel == "cpp" else "int8_linear"
+        q8 = kernels.this_cpu().activations(activations, "int8") == "int8"
+        self.op = "int8_linear_q8" if q8 and self.kernel == "cpp" else "int8_linear"
         if self.kernel == "cpp":
             self.weight, self.scales = kernels.int8_to_kernel(self.weight, self.scales.view(self.out_features, -1))
 
@@ -185,7 +195,8 @@ class Int4Linear(nn.Module):
             return
         device = device or self.weight.device
         kernel = kernels.quantized_kernel(device, "int4", self.in_features, self.out_features, self.groupsize)
-        self.op = "int4_linear_q8" if activations == "int8" and kernel == "cpp" else "int4_linear"
+        q8 = kernels.this_cpu().activations(activations, "int4") == "int8"
+        self.op = "int4_linear_q8" if q8 and kernel == "cpp" else "int4_linear"
         if kernel == "cpp":  # (d, m) = (s, z - 8 s) per group, float16 (quantize_int4 makes them exact)
             s, z = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, G) each
             self.weight, self.scales_and_zeros = kernels.int4_to_kernel(unpack_int4(self.weight), s, z - 8 * s)
@@ -239,7 +250,8 @@ def swap_modules(model: nn.Module, quantization) -> None:
 
 def prepare(model: nn.Module, device: torch.device | None = None, activations: str = "int16") -> None:
     """Pick each quantized layer's kernel for the device it is on, or `device` (and repack its weights for it), its
-    activations on kernels.cpp ("int16" or "int8": kernels.Cpu.activations); give a feed-forward whose w1 and w3 both
+    activations on kernels.cpp (--quant_activations: "auto", "int16" or "int8", resolved per kind by
+    kernels.Cpu.activations); give a feed-forward whose w1 and w3 both
     use kernels.cpp's int8 kernel the fused int8_glu. On CPU a tied output layer gets its own copy in the kernel's
     layout: 8-row groups would make every embedding lookup a gather."""
     for m in model.modules():

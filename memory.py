@@ -269,7 +269,7 @@ def load_bytes(file_bytes: int, weights: int, device: torch.device) -> int:
     """The loader's transient peak (generate.load_model). The checkpoint is memory-mapped and every page of it gets
     read: those pages count in the process's memory while any tensor still points into the file. A dtype change or
     the quantized layers' repacking makes the loaded weights beside the file; the final copy into huge pages moves
-    one tensor at a time (kernels.weights_in_huge_pages). So: the file and the weights once. On CUDA the device
+    one tensor at a time (huge_pages.weights_in_huge_pages). So: the file and the weights once. On CUDA the device
     holds the weights once (the host side is not counted)."""
     if device.type == "cuda":
         return weights

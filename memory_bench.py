@@ -15,7 +15,7 @@ import torch
 from bench_files import activations_of, checkpoint_for
 from checkpoint import Checkpoint
 from generate import decode_rows, load_model
-from kernels import release_freed_memory
+from huge_pages import release_freed_memory
 from memory import Sizer, peak_memory_bytes
 
 REPLY = "@@memory "  # marks a case process's answer among whatever else its libraries print

@@ -235,7 +235,7 @@ def test_gemm_widths_give_the_same_bits(width):
     24 rows (N = 40, 1560), float32 and bf16 outputs. Width 16 runs only where the CPU has AVX-512."""
     assert kernels.cpu_kernels()
     if width not in kernels.gemm_widths():
-        pytest.skip(f"no AVX-512 here ({kernels.this_cpu().capability}): the width-{width} GEMM is built, not run")
+        pytest.skip(f"no AVX-512 here ({kernels.machine_cpu().capability}): the width-{width} GEMM is built, not run")
     for M in (17, 40, 400):
         torch.manual_seed(M)
         for N, K, G in [(40, 576, 18), (96, 128, 1), (1560, 576, 9)]:
@@ -304,13 +304,37 @@ def test_int8_activations_round_as_the_reference_and_sum_exactly():
                                                               width), exact)
 
 
+@needs_avx2
+@pytest.mark.parametrize("cpu, described", [(Cpu("AVX512", True, True), "int8 for int4 layers, int16 for int8 layers"),
+                                            (Cpu("AVX2", False), "int16")])
+def test_auto_activations_per_layer_kind(tiny_quantized, monkeypatch, cpu, described):
+    """--quant_activations auto on an int4 checkpoint (its output layer int8): each layer takes its kind's rounding
+    (Cpu.activations), and layers.activations describes the mix, which prefix caches fingerprint."""
+    monkeypatch.setattr(kernels, "this_cpu", lambda: cpu)
+    model = load_model(tiny_quantized["int4"], "cpu", "fp32")
+    assert layers.activations(model) == described
+    attention = model.layers[0].attention
+    assert model.output.op == "int8_linear"
+    assert {attention.wqkv.op, attention.wo.op} == {"int4_linear_q8" if cpu.vnni else "int4_linear"}
+
+
+def test_a_forced_cpu_changes_the_rules_not_what_is_measured(monkeypatch):
+    """Tests replace this_cpu by each kind of CPU; what the machine can execute (the widths timed) and the name its
+    tiles are kept under stay the machine's, so a forced CPU never writes a tuning that misses a width."""
+    widths, q8, machine = kernels.gemm_widths(), kernels.q8_widths(), kernels._machine()
+    monkeypatch.setattr(kernels, "this_cpu", lambda: Cpu("AVX2", False))
+    assert (kernels.gemm_widths(), kernels.q8_widths(), kernels._machine()) == (widths, q8, machine)
+    assert kernels.this_cpu().activations("auto") == "int16" and kernels.this_cpu().gemm(torch.bfloat16)
+
+
 @pytest.mark.parametrize("cpu, auto", [(Cpu("AVX2", False), "int16"), (Cpu("AVX512", True, False), "int16"),
                                        (Cpu("AVX512", True, True), "int8"), (Cpu("DEFAULT", False, True), "int16")])
 def test_activations_rule_per_cpu(cpu, auto):
-    """--quant_activations auto is int8 where the CPU has AVX-512 VNNI, int16 elsewhere; int16 / int8 asked for are
-    kept; any other value is one clear error."""
-    assert cpu.activations("auto") == auto
-    assert cpu.activations("int16") == "int16" and cpu.activations("int8") == "int8"
+    """--quant_activations auto is int8 for int4 layers where the CPU has AVX-512 VNNI, int16 elsewhere and for int8
+    layers; int16 / int8 asked for are kept for both kinds; any other value is one clear error."""
+    assert cpu.activations("auto", "int4") == auto and cpu.activations("auto", "int8") == "int16"
+    for kind in ("int8", "int4"):
+        assert cpu.activations("int16", kind) == "int16" and cpu.activations("int8", kind) == "int8"
     with pytest.raises(ValueError, match="unknown --quant_activations 'int4'; use one of auto, int16, int8"):
         cpu.activations("int4")
 

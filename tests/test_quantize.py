@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from helpers import assert_same_model, make_hf_model
 
 import eval as ev
+import huge_pages
 import kernels
 import layers
 import quantize as qz
@@ -53,7 +54,7 @@ def test_kernels_match_dequantized_reference(dtype, tol):
 
 
 def test_weights_in_huge_pages_keep_values_outputs_and_ties():
-    """load_model on CPU copies every weight into one huge-page arena (kernels.weights_in_huge_pages): same values
+    """load_model on CPU copies every weight into one huge-page arena (huge_pages.weights_in_huge_pages): same values
     and outputs, new separate storages, tied tensors (int8 buffers, float Parameters) still one."""
     torch.manual_seed(0)
     model = torch.nn.Module()
@@ -76,7 +77,7 @@ def test_weights_in_huge_pages_keep_values_outputs_and_ties():
     before = {name: t.clone() for name, t in model.state_dict().items()}
     outputs = [model.output(x), model.mid(x), model.head(x)]
     old_storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
-    kernels.weights_in_huge_pages(model)
+    huge_pages.weights_in_huge_pages(model)
     assert model.alias.weight is model.tok_embeddings.weight and model.alias.scales is model.tok_embeddings.scales
     assert model.head.weight is model.emb.weight and isinstance(model.head.weight, torch.nn.Parameter)
     after = model.state_dict(keep_vars=True)
