@@ -34,11 +34,12 @@ from typing import Callable
 import torch
 
 import cuda
+import layers
 import memory_bench
 import serve_bench
 from bench_files import LLAMA_CPP_TYPES, QUANTIZED, ROOT, activations_of, checkpoint_for, llama_cpp_gguf, save_json
 from checkpoint import PRECISIONS, Checkpoint
-from cli import run_cli
+from cli import add_numerics_flags, run_cli
 from generate import (
     DEFAULT_CHECKPOINT,
     compile_step,
@@ -96,10 +97,12 @@ class Runner:
 
 # ---- the systems; each returns the Runner of one row ------------------------------------------------------
 
-def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_sizes, compiled) -> Runner:
+def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_sizes, compiled, numerics: dict | None = None
+                    ) -> Runner:
+    """numerics: load_model's quant_activations and kv_dtype (default: auto)."""
     ckpt = Checkpoint.open(checkpoint_for(checkpoint, precision))
     activations = activations_of(precision, ckpt, device)
-    model = load_model(ckpt, device, activations)
+    model = load_model(ckpt, device, activations, **(numerics or {}))
     step = compile_step(decode_one_token, device) if compiled else decode_one_token
 
     def make_run(b):
@@ -109,6 +112,8 @@ def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_sizes, comp
 
     return Runner(make_run, (1, *batch_sizes), lambda: {
         "weights_file": ckpt.weights.name, "activations": activations,
+        "kv_dtype": str(model.kv_dtype or model.dtype).removeprefix("torch."),
+        "quant_activations": layers.activations(model),
         "weights_gb": model_bytes_read_per_token(model) / 1e9,
         "peak_memory_gb": peak_memory_bytes(device) / 1e9})
 
@@ -195,7 +200,8 @@ LLAMA_CPP_STARTUP = ("import sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], 
                      "verbose=False); next(llm.generate(llm.tokenize(b'hi'), top_k=1, temp=0.0))")
 
 
-def startup_command(system: str, checkpoint: Path, precision: str, device: torch.device) -> list[str] | None:
+def startup_command(system: str, checkpoint: Path, precision: str, device: torch.device,
+                    numerics: dict | None = None) -> list[str] | None:
     """The command whose run time is a system's startup: a new process, its weights loaded, one token of a short
     prompt; None for transformers (not timed)."""
     if system == "llama.cpp":
@@ -206,7 +212,8 @@ def startup_command(system: str, checkpoint: Path, precision: str, device: torch
     ckpt = Checkpoint.open(checkpoint_for(checkpoint, precision))
     return [sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(ckpt.weights), "--prompt", "hi",
             "--max_new_tokens", "1", "--num_samples", "1", "--device", str(device),
-            "--precision", activations_of(precision, ckpt, device)] + (["--compile"] if "compile" in system else [])
+            "--precision", activations_of(precision, ckpt, device), *flags(numerics or {})] + (
+                ["--compile"] if "compile" in system else [])
 
 
 def startup_seconds(command: list[str], runs: int) -> float:
@@ -231,7 +238,7 @@ def run_worker(spec: dict) -> None:
             spec["batch_sizes"])
     system = spec["system"]
     if system.startswith("fastllama"):
-        runner = bench_fastllama(*args, compiled=system == "fastllama --compile")
+        runner = bench_fastllama(*args, compiled=system == "fastllama --compile", numerics=spec["numerics"])
     else:
         runner = {"transformers": bench_transformers, "llama.cpp": bench_llama_cpp}[system](*args)
     reply = lambda obj: print(REPLY + json.dumps(obj), flush=True)  # noqa: E731
@@ -331,6 +338,11 @@ def measure(specs: dict, runs: int, batch_sizes: list[int]) -> dict:
 
 # ---- the command ---------------------------------------------------------------------------------------
 
+def flags(numerics: dict) -> list[str]:
+    """The command-line flags of load_model's numerics (generate.py's and server.py's)."""
+    return [a for k, v in numerics.items() for a in (f"--{k}", v)]
+
+
 def split(spec: str) -> list[str]:
     """The names of a comma-separated flag value."""
     return [p.strip() for p in spec.split(",") if p.strip()]
@@ -342,11 +354,13 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
          startup: bool = True, json_path: Path | None = None, worker_spec: str | None = None, memory: bool = False,
          serve: bool = False, clients: str = "1,2,4,8,16", rate: float = 2.0, requests: int = 32,
          rows: int = 8, context: int = 4096, prompts: Path = serve_bench.PROMPTS, prompt_sets: str = "chat,long",
-         llama_server: str | None = None, gguf: Path | None = None) -> list[dict]:
+         llama_server: str | None = None, gguf: Path | None = None, quant_activations: str = "auto",
+         kv_dtype: str = "auto") -> list[dict]:
     """Benchmark each precision and system; print a markdown table; return (and optionally save) the rows."""
     if worker_spec is not None:
         run_worker(json.loads(worker_spec))
         return []
+    numerics = {"quant_activations": quant_activations, "kv_dtype": kv_dtype}  # fastllama's, as load_model takes them
     if serve:
         counts = [int(c) for c in clients.split(",") if c.strip()]
         if not counts or min(counts) < 1 or min(requests, rows, context) < 1 or rate < 0:
@@ -354,7 +368,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
         n_new = 64 if max_new_tokens is None else max_new_tokens
         return serve_bench.main_serve(Path(checkpoint_path), split(precisions or "int4"), split(prompt_sets), counts,
                                       rate or None, requests, n_new, rows, context, prompts, not eager, llama_server,
-                                      gguf, json_path, torch.get_num_threads())
+                                      gguf, json_path, torch.get_num_threads(), flags(numerics))
     max_new_tokens = 128 if max_new_tokens is None else max_new_tokens
     precisions = precisions or "fp32,bf16,int8,int4"
     dev = resolve_device(device)
@@ -385,14 +399,16 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, device: str | None = Non
     rows = []
     for precision in names:
         specs = {system: {"system": system, "precision": precision, "checkpoint": str(weights), "device": str(dev),
-                          "ids": ids, "max_new_tokens": max_new_tokens, "batch_sizes": batch_sizes}
+                          "ids": ids, "max_new_tokens": max_new_tokens, "batch_sizes": batch_sizes,
+                          "numerics": numerics}
                  for system in systems if not (system == "transformers" and precision in QUANTIZED)
                  and not (system == "llama.cpp" and precision not in LLAMA_CPP_TYPES)}
         for system, row in measure(specs, runs, batch_sizes).items():
             row = {"system": system, "precision": precision, "device": str(dev), "threads": torch.get_num_threads(),
                    "batch_sizes": batch_sizes, "copy_bandwidth_gb_s": stream, **row}
             row["compile_s"] = row.get("warmup_s") if system == "fastllama --compile" else None
-            command = startup_command(system, weights, precision, dev) if startup and "error" not in row else None
+            command = (startup_command(system, weights, precision, dev, numerics) if startup and "error" not in row
+                       else None)
             row["startup_s"] = startup_seconds(command, min(runs, 3)) if command else None
             if "decode_tok_s" in row:
                 row["bandwidth_gb_s"] = row["weights_gb"] * row["decode_tok_s"]
@@ -475,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama-server binary (default: llama-server on PATH if there; '' for none)")
     g.add_argument("--gguf", type=Path, default=None,
                    help="the GGUF llama-server runs (default: the default model's, or llama.cpp's Q4_1 of the weights)")
+    add_numerics_flags(p)
     p.add_argument("--worker_spec", type=str, default=None, help=argparse.SUPPRESS)
     return p
 

@@ -17,16 +17,22 @@ from torch import Tensor
 import cuda
 import speculative
 import tp
+from checkpoint import KV_DTYPES
 from model import fit_context
 from tokenizer import Detokenizer
 
 
-def add_quant_activations_flag(p: argparse.ArgumentParser) -> None:
-    """--quant_activations, as every command that loads a model reads it (kernels.Cpu.activations resolves it)."""
+def add_numerics_flags(p: argparse.ArgumentParser) -> None:
+    """--quant_activations and --kv_dtype, as every command that loads a model reads them (kernels.Cpu.activations
+    and checkpoint.resolve_kv_dtype resolve them)."""
     p.add_argument("--quant_activations", choices=["auto", "int16", "int8"], default="auto",
                    help="how int8 / int4 layers round activations on the CPU: int16 (exact to ~1e-5), int8 "
                         "(llama.cpp's Q8, faster; perplexity +0.2-0.6%%), auto: int8 for int4 layers where the CPU "
                         "has AVX-512 VNNI")
+    p.add_argument("--kv_dtype", choices=list(KV_DTYPES), default="auto",
+                   help="how the KV cache stores keys and values: fp32, bf16, fp16, or int8 with a scale per 32 "
+                        "values (a quarter of fp32's memory, perplexity +0.1%%); auto: int8 for int8 / int4 "
+                        "checkpoints on an AVX2 CPU, else the activations' dtype (exact)")
 
 
 def run_cli(main_fn: Callable, parser: argparse.ArgumentParser, args: list[str] | None = None):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import files
-from checkpoint import PRECISIONS, Checkpoint, resolve_precision
-from cli import add_quant_activations_flag, run_cli
+from checkpoint import PRECISIONS, Checkpoint, resolve_kv_dtype, resolve_precision
+from cli import add_numerics_flags, run_cli
 from files import BadFile, first_line
 from generate import (
     DEFAULT_CHECKPOINT,
@@ -233,7 +233,8 @@ def run_tasks(lm, tasks: list[str], include_path: Path | None, limit: int | None
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | None = None,
          tasks: str | None = None, include_path: Path | None = None, limit: int | None = None,
          batch_size: int = 1, compile: bool = False, max_seq_length: int | None = None, stride: int | None = None,
-         device: str | None = None, precision: str = "auto", quant_activations: str = "auto") -> dict:
+         device: str | None = None, precision: str = "auto", quant_activations: str = "auto",
+         kv_dtype: str = "auto") -> dict:
     """Print and return the perplexity of perplexity_file and / or the lm-eval results of tasks."""
     if perplexity_file is None and not tasks:
         raise ValueError("nothing to evaluate; pass --perplexity FILE and/or --tasks NAMES")
@@ -245,7 +246,8 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | 
         raise ValueError("--batch_size and --limit must be at least 1")
     ckpt, dev = Checkpoint.open(checkpoint_path), resolve_device(device)
     precision = resolve_precision(precision, ckpt.quantization, dev)
-    model = load_model(ckpt, dev, precision, quant_activations=quant_activations)
+    model = load_model(ckpt, dev, precision, quant_activations=quant_activations, kv_dtype=kv_dtype)
+    kv_name = resolve_kv_dtype(kv_dtype, precision, ckpt.quantization, dev)
     tokenizer = get_tokenizer(ckpt.folder)
     seq = max_seq_length or min(model.config.block_size, 1024 if perplexity_file else 2048)
     out = {}
@@ -253,7 +255,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | 
         ids = tokenizer.encode(files.read_text(perplexity_file, "perplexity text"))
         ppl, n = perplexity(model, ids, seq, stride or seq // 2)
         print(f"perplexity {ppl:.4f} over {n} tokens of {perplexity_file} ({checkpoint_path}, {precision}, "
-              f"window {seq}, stride {stride or seq // 2})")
+              f"{kv_name} KV cache, window {seq}, stride {stride or seq // 2})")
         out["perplexity"] = ppl
     if tasks:
         try:
@@ -283,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="activations dtype (auto: bf16; fp32 for int8 / int4 checkpoints on a CPU)")
-    add_quant_activations_flag(p)
+    add_numerics_flags(p)
     return p
 
 

@@ -25,7 +25,7 @@ import layers
 import prefix_cache
 import speculative
 import tp
-from checkpoint import PRECISIONS, Checkpoint, resolve_precision
+from checkpoint import KV_DTYPES, PRECISIONS, Checkpoint, resolve_kv_dtype, resolve_precision
 from memory import Sizer, available_bytes, check_fits, model_bytes_read_per_token, peak_memory_bytes
 from model import Transformer, fit_context
 from tokenizer import get_tokenizer, tokenizer_fingerprint
@@ -226,11 +226,11 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None, quant_activations: str = "auto"
-               ) -> Transformer:
+def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None, quant_activations: str = "auto",
+               kv_dtype: str = "auto") -> Transformer:
     """The Transformer of a checkpoint (a Checkpoint, a folder or its model.pth) on device, in precision; a quantized
     one's layers on the C++ kernels round their activations as kernels.Cpu.activations resolves quant_activations
-    for their kind.
+    for their kind; its KV cache stores keys and values as checkpoint.resolve_kv_dtype resolves kv_dtype.
 
     transform(model), when given, cuts or places the model while its weights are still where the checkpoint left them
     (the CPU): tp.shard keeps this rank's slices, tp.split_layers puts runs of layers on their devices; so a device
@@ -239,7 +239,8 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
     ckpt = Checkpoint.open(checkpoint)
     device = torch.device(device)
     kernels.this_cpu().activations(quant_activations)  # an unknown value: one line before anything loads
-    dtype = PRECISIONS[resolve_precision(precision, ckpt.quantization, device)]
+    precision = resolve_precision(precision, ckpt.quantization, device)
+    dtype, kv = PRECISIONS[precision], KV_DTYPES[resolve_kv_dtype(kv_dtype, precision, ckpt.quantization, device)]
     model = ckpt.build()
     model.load_state_dict(ckpt.state_dict(), assign=True)
     if ckpt.args.tie_embeddings:
@@ -257,6 +258,7 @@ def load_model(checkpoint, device="cpu", precision: str = "auto", transform=None
         model.tie_weights()  # .to() copies a tied layer's buffers (an int8 table) one module at a time
     if ckpt.quantization is not None:
         layers.prepare(model, activations=quant_activations)
+    model.kv_dtype = kv
     if model.device.type == "cpu":
         layers.use_cpu_attention(model)  # decode attention over the visible cache positions only (C++)
         # decode streams every weight once per token: fewer TLB misses
@@ -336,7 +338,8 @@ def main(*, prompt: str | list[str] | None = None, interactive: bool = False, nu
          seed: int | None = None, precision: str = "auto", max_seq_length: int | None = None,
          draft_checkpoint_path: Path | None = None, speculate_k: int = 5, prompt_lookup: int | None = None,
          prefix_file: Path | None = None, save_prefix_cache: Path | None = None,
-         load_prefix_cache: Path | None = None, devices: str | None = None, quant_activations: str = "auto") -> None:
+         load_prefix_cache: Path | None = None, devices: str | None = None, quant_activations: str = "auto",
+         kv_dtype: str = "auto") -> None:
     """Load the model, then generate num_samples times for each prompt (or chat); print speed and memory."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt or [DEFAULT_PROMPT])
     check_flags(prompts=prompts, interactive=interactive, max_new_tokens=max_new_tokens, num_samples=num_samples,
@@ -351,12 +354,14 @@ def main(*, prompt: str | list[str] | None = None, interactive: bool = False, nu
     precision, t0 = resolve_precision(precision, ckpt.quantization, dev), time.perf_counter()
     context = max_seq_length or (min(2048, ckpt.args.block_size) if interactive else None)
     if context is not None and tp.world()[1] == 1 and not stages:  # refuse before allocating anything
-        est = Sizer.of(ckpt, precision, dev).at(batch_size, min(context, ckpt.args.block_size))
+        est = Sizer.of(ckpt, precision, dev, kv_dtype).at(batch_size, min(context, ckpt.args.block_size))
         check_fits(est, available_bytes(dev), "--batch_size / --max_seq_length")
-    model = load_model(ckpt, dev, precision, transform=transform, quant_activations=quant_activations)
+    model = load_model(ckpt, dev, precision, transform=transform, quant_activations=quant_activations,
+                       kv_dtype=kv_dtype)
     tokenizer = get_tokenizer(ckpt.folder)
     rank, world_size = tp.world()
-    tp.log(f"loaded {ckpt.weights} ({ckpt.format.describe()}; {precision} on {dev}"
+    tp.log(f"loaded {ckpt.weights} ({ckpt.format.describe()}; {precision} on {dev}, "
+           f"{resolve_kv_dtype(kv_dtype, precision, ckpt.quantization, dev)} KV cache"
            f"{f', rank {rank} of {world_size}' if world_size > 1 else ''}) in {time.perf_counter() - t0:.2f} s")
     draft = load_draft(draft_checkpoint_path, ckpt, model, dev, precision) if draft_checkpoint_path else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -421,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activations dtype (auto: bf16; fp32 for int8 / int4 checkpoints on a CPU)")
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="KV cache length (default: prompt + max_new_tokens; 2048 in --interactive)")
-    cli.add_quant_activations_flag(p)
+    cli.add_numerics_flags(p)
     g = p.add_argument_group("speculative decoding (batch 1)")
     g.add_argument("--draft_checkpoint_path", type=Path, default=None,
                    help="a smaller or quantized model with the same tokenizer that proposes tokens")

@@ -847,75 +847,127 @@ inline __m256 load8(const at::BFloat16* p) {  // bf16 is the high half of a floa
 }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// out[c..c+W) (vectors of 8) = sum_i p[i] v[pos[i]]: W independent accumulators that stay in registers.
-template <int W, typename T>
-void weigh_values(const float* p, const T* v, const int64_t* pos, int64_t n, int64_t D, float inv, float* out) {
-  __m256 a[W];
-  for (int j = 0; j < W; ++j) a[j] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; ++i) {
-    const __m256 pi = _mm256_set1_ps(p[i]);
-    const T* vt = v + pos[i] * D;
-    for (int j = 0; j < W; ++j) a[j] = _mm256_fmadd_ps(pi, load8(vt + 8 * j), a[j]);
+// One kv head's (S, D) keys or values as attention reads them: 8 values of position t from 8 * c on, in float32.
+template <typename T>
+struct FloatRows {
+  const T* p;
+  int64_t D;
+  __m256 load(int64_t t, int64_t c) const { return load8(p + t * D + 8 * c); }
+};
+
+// model.KVCache's int8 form: int8 values q with a float32 scale s per block of 32 values (or one per position: a
+// head of another size), read as q * s (the same product as model.dequantize_kv, so the sums are those of the float
+// cache it dequantizes to).
+struct Int8Rows {
+  const int8_t* p;
+  const float* s;
+  int64_t D, blocks;  // scales per position: D / 32, or 1
+  __m256 load(int64_t t, int64_t c) const {
+    const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + t * D + 8 * c));
+    const float scale = s[t * blocks + (blocks == 1 ? 0 : c >> 2)];  // 4 vectors of 8 per block of 32
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(scale));
   }
-  for (int j = 0; j < W; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(a[j], _mm256_set1_ps(inv)));
+};
+
+// For each of G heads h: out_h[c0..c0+W) (vectors of 8) = sum_i p_h[i] v[pos[i]] (p_h = p + h * ps, out_h = out + h *
+// os); each value vector is loaded (and converted) once for the G heads; G x W accumulators stay in registers.
+template <int G, int W, typename Rows>
+void weigh_values(const float* p, int64_t ps, const Rows& v, int64_t c0, const int64_t* pos, int64_t n, float* out,
+                  int64_t os) {
+  __m256 a[G][W];
+  for (int h = 0; h < G; ++h)
+    for (int j = 0; j < W; ++j) a[h][j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < W; ++j) {
+      const __m256 vj = v.load(pos[i], c0 + j);
+      for (int h = 0; h < G; ++h) a[h][j] = _mm256_fmadd_ps(_mm256_set1_ps(p[h * ps + i]), vj, a[h][j]);
+    }
+  for (int h = 0; h < G; ++h)
+    for (int j = 0; j < W; ++j) _mm256_storeu_ps(out + h * os + 8 * j, a[h][j]);
 }
 
-// One query head over n cache positions t = pos[i], softmax left unnormalized so that chunks of positions merge
-// exactly (flash-decoding): out = sum_i e^(s_i - mx) v[t], s_i = scale q . k[t]; returns (mx, sum_i e^(s_i - mx)).
-// q and out (D,) float32, k and v the (S, D) cache of its kv head, sc n + 8 floats of scratch. Four positions
-// (scores) or eight output vectors (values) at a time, so that the multiply-adds form independent chains.
-template <typename T>
-std::pair<float, float> attend(const float* q, const T* k, const T* v, const int64_t* pos, int64_t n, int64_t D,
-                               float scale, float* sc, float* out) {
-  const int64_t C = D / 8;
+// G query heads that share a kv head over its n cache positions t = pos[i], softmax left unnormalized so that chunks
+// of positions merge exactly (flash-decoding): for head h, out_h = sum_i e^(s_i - mx) v[t], s_i = scale q_h . k[t],
+// out_h[D] = mx, out_h[D + 1] = sum_i e^(s_i - mx). q (G, D) and out (G, D + 2) float32, k and v the (S, D) cache of
+// the kv head, sc G x (n + 8) floats of scratch. Each key and value vector is loaded and converted once for the G
+// heads; four positions (scores) or W output vectors (values) at a time, so that the multiply-adds form independent
+// chains. Each head's sums run in the same order whatever G is.
+template <int G, typename Rows>
+void attend(const float* q, const Rows& k, const Rows& v, const int64_t* pos, int64_t n, int64_t D, float scale,
+            float* sc, float* out) {
+  const int64_t C = D / 8, ss = n + 8;  // ss: each head's scores
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
-    const T* kt[4] = {k + pos[i] * D, k + pos[i + 1] * D, k + pos[i + 2] * D, k + pos[i + 3] * D};
-    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t c = 0; c < C; ++c) {
-      const __m256 qc = _mm256_loadu_ps(q + 8 * c);
-      for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(qc, load8(kt[j] + 8 * c), a[j]);
+    __m256 a[G][4];
+    for (int h = 0; h < G; ++h)
+      for (int j = 0; j < 4; ++j) a[h][j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; ++c)
+      for (int j = 0; j < 4; ++j) {
+        const __m256 kj = k.load(pos[i + j], c);
+        for (int h = 0; h < G; ++h) a[h][j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + 8 * c), kj, a[h][j]);
+      }
+    for (int h = 0; h < G; ++h) {
+      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
+      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+      _mm_storeu_ps(sc + h * ss + i, _mm_mul_ps(s4, _mm_set1_ps(scale)));
     }
-    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    _mm_storeu_ps(sc + i, _mm_mul_ps(s4, _mm_set1_ps(scale)));
   }
   for (; i < n; ++i) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t c = 0; c < C; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), load8(k + pos[i] * D + 8 * c), a);
-    sc[i] = hsum(a) * scale;
+    __m256 a[G];
+    for (int h = 0; h < G; ++h) a[h] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) {
+      const __m256 kc = k.load(pos[i], c);
+      for (int h = 0; h < G; ++h) a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + 8 * c), kc, a[h]);
+    }
+    for (int h = 0; h < G; ++h) sc[h * ss + i] = hsum(a[h]) * scale;
   }
   const int64_t n8 = (n + 7) / 8 * 8;
-  float mx = -std::numeric_limits<float>::infinity();
-  for (i = 0; i < n; ++i) mx = std::max(mx, sc[i]);
-  for (i = n; i < n8; ++i) sc[i] = mx;
-  __m256 sum = _mm256_setzero_ps();
-  for (i = 0; i < n8; i += 8) {
-    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(mx)));
-    _mm256_storeu_ps(sc + i, e);
-    sum = _mm256_add_ps(sum, e);
+  for (int h = 0; h < G; ++h) {
+    float* sh = sc + h * ss;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (i = 0; i < n; ++i) mx = std::max(mx, sh[i]);
+    for (i = n; i < n8; ++i) sh[i] = mx;
+    __m256 sum = _mm256_setzero_ps();
+    for (i = 0; i < n8; i += 8) {
+      const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sh + i), _mm256_set1_ps(mx)));
+      _mm256_storeu_ps(sh + i, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    out[h * (D + 2) + D] = mx, out[h * (D + 2) + D + 1] = hsum(sum) - float(n8 - n);  // the padding added e^0 = 1 each
   }
+  constexpr int W = G == 1 ? 8 : G == 2 ? 4 : 2;  // G x W accumulators: at most 8 of AVX2's 16 registers
   int64_t c = 0;
-  for (; c + 8 <= C; c += 8) weigh_values<8>(sc, v + 8 * c, pos, n, D, 1.f, out + 8 * c);
-  if (c + 4 <= C) weigh_values<4>(sc, v + 8 * c, pos, n, D, 1.f, out + 8 * c), c += 4;
-  for (; c < C; ++c) weigh_values<1>(sc, v + 8 * c, pos, n, D, 1.f, out + 8 * c);
-  return {mx, hsum(sum) - float(n8 - n)};  // the padding added e^0 = 1 each
+  for (; c + W <= C; c += W) weigh_values<G, W>(sc, ss, v, c, pos, n, out + 8 * c, D + 2);
+  for (; c < C; ++c) weigh_values<G, 1>(sc, ss, v, c, pos, n, out + 8 * c, D + 2);
 }
 
-// q (B, H, D) over the cache rows rows[b] of k and v (R, KV, S, D): a server's running requests, wherever they sit.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                            const at::Tensor& rows_) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(3) == q.size(2) &&
-              q.size(1) % k.size(1) == 0 && q.size(2) % 8 == 0, "decode_attention: q (B, H, D), k and v (R, KV, S, D)");
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == v.scalar_type(), "decode_attention: k, v");
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool && mask.size(1) == k.size(2) &&
+// The R query heads of one kv head, in groups of at most 3 (12 score accumulators in registers): attend's q, out.
+template <typename Rows>
+void attend_heads(const float* q, const Rows& k, const Rows& v, const int64_t* pos, int64_t n, int64_t D, int64_t R,
+                  float scale, float* sc, float* out) {
+  for (int64_t h = 0; h < R;) {
+    const int64_t g = std::min<int64_t>(R - h, 3);
+    if (g == 3) attend<3>(q + h * D, k, v, pos, n, D, scale, sc, out + h * (D + 2));
+    else if (g == 2) attend<2>(q + h * D, k, v, pos, n, D, scale, sc, out + h * (D + 2));
+    else attend<1>(q + h * D, k, v, pos, n, D, scale, sc, out + h * (D + 2));
+    h += g;
+  }
+}
+
+// q (B, H, D) over the cache rows rows[b] of a cache of R rows, KV heads and S positions: a server's running
+// requests, wherever they sit. rows_of(at) gives the keys' and values' Rows of the kv head at = row * KV + g.
+template <typename F>
+at::Tensor attention_rows(const at::Tensor& q, int64_t R_, int64_t KV, int64_t S, const at::Tensor& mask,
+                          const at::Tensor& rows_, const F& rows_of) {
+  TORCH_CHECK(q.dim() == 3 && q.size(1) % KV == 0 && q.size(2) % 8 == 0, "decode_attention: q (B, H, D)");
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool && mask.size(1) == S &&
               (mask.size(0) == 1 || mask.size(0) == q.size(0)), "decode_attention: mask (1 or B, S) bool");
   TORCH_CHECK(rows_.dim() == 1 && rows_.size(0) == q.size(0) && rows_.scalar_type() == at::kLong,
               "decode_attention: rows (B,) int64");
   const at::Tensor cache_rows = rows_.contiguous();
   const int64_t* rp = cache_rows.data_ptr<int64_t>();
-  for (int64_t b = 0; b < q.size(0); ++b) TORCH_CHECK(rp[b] >= 0 && rp[b] < k.size(0), "decode_attention: row out of range");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k.size(1), S = k.size(2), R = H / KV;
+  for (int64_t b = 0; b < q.size(0); ++b) TORCH_CHECK(rp[b] >= 0 && rp[b] < R_, "decode_attention: row out of range");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), R = H / KV;
   const at::Tensor qc = q.contiguous(), m = mask.contiguous();
   at::Tensor out = at::empty({B, H, D}, q.options());
   // q to float32 and the result back to q's dtype here rather than by two more ATen ops (~4 us each per call)
@@ -923,7 +975,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     std::copy_n(qc.data_ptr<scalar_t>(), B * H * D, qf.begin());
   });
-  const float scale = 1.f / std::sqrt(float(D));
   // the visible positions of each mask row, listed once for all the heads that share it
   const int64_t rows = m.size(0);
   std::vector<int64_t> pos(rows * S), count(rows, 0);
@@ -944,25 +995,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   std::vector<int64_t> owner(first[B]);  // the batch row of each chunk
   for (int64_t b = 0; b < B; ++b) std::fill(owner.begin() + first[b], owner.begin() + first[b + 1], b);
   std::vector<float> part(first[B] * H * (D + 2));  // per (chunk, h): unnormalized output (D), max score, sum of weights
+  const float scale = 1.f / std::sqrt(float(D));
   parallel_chunks(int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> sc;  // scores, then weights: lives as long as the thread (see QuantizedInput)
-    sc.resize(S + 8);
+    thread_local std::vector<float> sc;  // scores, then weights, of 3 heads: lives as long as the thread (QuantizedInput)
+    sc.resize(3 * (kChunk + 8));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t c = items[item] / KV, g = items[item] % KV, b = owner[c], r = rows == 1 ? 0 : b;
-      const int64_t lo = (c - first[b]) * kChunk, hi = std::min(count[r], lo + kChunk), at = (rp[b] * KV + g) * S * D;
-      const int64_t* pp = pos.data() + r * S + lo;
-      for (int64_t h = g * R; h < (g + 1) * R; ++h) {
-        const float* qp = qf.data() + (b * H + h) * D;
-        float* dst = part.data() + (c * H + h) * (D + 2);
-        std::pair<float, float> ml;
-        switch (k.scalar_type()) {
-          case at::kFloat: ml = attend(qp, k.data_ptr<float>() + at, v.data_ptr<float>() + at, pp, hi - lo, D, scale, sc.data(), dst); break;
-          case at::kBFloat16: ml = attend(qp, k.data_ptr<at::BFloat16>() + at, v.data_ptr<at::BFloat16>() + at, pp, hi - lo, D, scale, sc.data(), dst); break;
-          case at::kHalf: ml = attend(qp, k.data_ptr<at::Half>() + at, v.data_ptr<at::Half>() + at, pp, hi - lo, D, scale, sc.data(), dst); break;
-          default: TORCH_CHECK(false, "decode_attention: cache must be float32, bfloat16 or float16");
-        }
-        dst[D] = ml.first, dst[D + 1] = ml.second;
-      }
+      const int64_t lo = (c - first[b]) * kChunk, hi = std::min(count[r], lo + kChunk);
+      const auto kv = rows_of(rp[b] * KV + g);
+      attend_heads(qf.data() + (b * H + g * R) * D, kv.first, kv.second, pos.data() + r * S + lo, hi - lo, D, R, scale,
+                   sc.data(), part.data() + (c * H + g * R) * (D + 2));
     }
   });
   for (int64_t b = 0; b < B; ++b)  // merge each row's chunks in order: rescale each to the largest score seen
@@ -986,6 +1028,46 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// k and v (R, KV, S, D) float32, bfloat16 or float16.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                            const at::Tensor& rows) {
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(3) == q.size(-1) && k.is_contiguous() &&
+              v.is_contiguous() && k.scalar_type() == v.scalar_type(), "decode_attention: k and v (R, KV, S, D)");
+  const int64_t S = k.size(2), D = k.size(3);
+  auto over = [&](auto* kp, auto* vp) {
+    using Rows = FloatRows<std::remove_const_t<std::remove_pointer_t<decltype(kp)>>>;
+    return attention_rows(q, k.size(0), k.size(1), S, mask, rows, [&](int64_t at) {
+      return std::make_pair(Rows{kp + at * S * D, D}, Rows{vp + at * S * D, D});
+    });
+  };
+  switch (k.scalar_type()) {
+    case at::kFloat: return over(k.data_ptr<float>(), v.data_ptr<float>());
+    case at::kBFloat16: return over(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+    case at::kHalf: return over(k.data_ptr<at::Half>(), v.data_ptr<at::Half>());
+    default: TORCH_CHECK(false, "decode_attention: cache must be float32, bfloat16 or float16");
+  }
+}
+
+// k and v (R, KV, S, D) int8 with float32 scales ks, vs (R, KV, S, D / 32 or 1): model.KVCache's int8 form.
+at::Tensor decode_attention_q8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& ks, const at::Tensor& v,
+                               const at::Tensor& vs, const at::Tensor& mask, const at::Tensor& rows) {
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(3) == q.size(-1) && k.is_contiguous() &&
+              v.is_contiguous() && k.scalar_type() == at::kChar && v.scalar_type() == at::kChar,
+              "decode_attention_q8: k and v (R, KV, S, D) int8");
+  TORCH_CHECK(ks.dim() == 4 && ks.sizes() == vs.sizes() && ks.sizes().slice(0, 3) == k.sizes().slice(0, 3) &&
+              ks.is_contiguous() && vs.is_contiguous() && ks.scalar_type() == at::kFloat &&
+              vs.scalar_type() == at::kFloat && k.size(3) % 8 == 0 &&
+              (ks.size(3) == 1 || ks.size(3) * 32 == k.size(3)),
+              "decode_attention_q8: scales (R, KV, S, D / 32 or 1) float32, D a multiple of 8");
+  const int64_t S = k.size(2), D = k.size(3), blocks = ks.size(3);
+  const int8_t *kp = k.data_ptr<int8_t>(), *vp = v.data_ptr<int8_t>();
+  const float *ksp = ks.data_ptr<float>(), *vsp = vs.data_ptr<float>();
+  return attention_rows(q, k.size(0), k.size(1), S, mask, rows, [&](int64_t at) {
+    return std::make_pair(Int8Rows{kp + at * S * D, ksp + at * S * blocks, D, blocks},
+                          Int8Rows{vp + at * S * D, vsp + at * S * blocks, D, blocks});
+  });
+}
+
 }  // namespace
 
 // The schemas are defined in kernels.py (OPS), which loads this file; here only the CPU implementations.
@@ -999,4 +1081,5 @@ TORCH_LIBRARY_IMPL(fastllama, CPU, m) {
   m.impl("dense_linear", &dense_linear);
   m.impl("dense_glu", &dense_glu);
   m.impl("decode_attention", &decode_attention);
+  m.impl("decode_attention_q8", &decode_attention_q8);
 }

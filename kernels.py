@@ -68,12 +68,13 @@ class Cpu:
         return weight != torch.bfloat16 or not self.half_arithmetic
 
     def activations(self, requested: str, kind: str = "int4") -> str:
-        """How a quantized layer of this kind ("int8" or "int4" weights) on kernels.cpp rounds its activations:
-        "int16" (per block of 32, ~1e-5 of the float result: the exact mode) or "int8" (per block of 32, llama.cpp's
-        Q8 activations: perplexity +0.2% to +0.6% on the default model, docs/kernels.md). "auto" is int8 for int4
-        layers where the CPU has AVX-512 VNNI (vpdpbusd: 1.7x less time in them at 8 rows of the default model, no
-        slower at 1), int16 elsewhere: int8 layers stream twice the bytes and gain 10-20% at 8 rows but lose as much at
-        1, and AVX2's int8 kernels are slower than the exact ones."""
+        """How the quantized layers on kernels.cpp of a checkpoint of this kind ("int8" or "int4" weights; an int4
+        one's output layer is int8) round their activations: "int16" (per block of 32, ~1e-5 of the float result: the
+        exact mode) or "int8" (per block of 32, llama.cpp's Q8 activations: perplexity +0.2% to +0.6% on the default
+        model, docs/kernels.md). "auto" is int8 for int4 checkpoints where the CPU has AVX-512 VNNI (vpdpbusd: 1.7x
+        less time in the int4 layers at 8 rows of the default model, no slower at 1; its int8 output layer too: +10%
+        at 16 rows), int16 elsewhere: int8 checkpoints stream twice the bytes and gain 10-20% at 8 rows but lose as
+        much at 1, and AVX2's int8 kernels are slower than the exact ones."""
         if requested not in ACTIVATIONS:
             raise ValueError(f"unknown --quant_activations {requested!r}; use one of {', '.join(ACTIVATIONS)}")
         if requested == "auto":
@@ -166,9 +167,11 @@ def _dense_takes(x: Tensor, w: Tensor) -> bool:
             and _rows_here(x, w.dtype))
 
 
-def _attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: Tensor) -> Tensor:
+def _attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """decode_attention's math for q (B, H, D) over k, v (B, KV, S, D), the rows of q, read in q's dtype."""
     B, H, D = q.shape
-    return model.decode_attention(q.view(B, H, 1, D), k, v, mask.view(-1, 1, 1, k.size(2)), rows).view(B, H, D)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    return model.decode_attention(q.view(B, H, 1, D), k, v, mask.view(-1, 1, 1, k.size(2))).view(B, H, D)
 
 
 def _glu(linear: Callable) -> Callable:
@@ -222,9 +225,18 @@ OPS = {
                     _glu(float_linear),
                     lambda x, w1, w3: _dense_takes(x, w1) and _dense_takes(x, w3) and w1.shape == w3.shape, "dense"),
     "decode_attention": Op("(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor rows) -> Tensor",
-                           lambda q, k, v, mask, rows: torch.empty_like(q), _attention_reference,
+                           lambda q, k, v, mask, rows: torch.empty_like(q),
+                           lambda q, k, v, mask, rows: _attention_reference(q, k[rows], v[rows], mask),
                            lambda q, k, v, mask, rows: q.device.type == "cpu" and q.size(-1) % 8 == 0
                            and k.dtype in (torch.float32, torch.bfloat16, torch.float16)),
+    "decode_attention_q8": Op("(Tensor q, Tensor k, Tensor ks, Tensor v, Tensor vs, Tensor mask, Tensor rows) "
+                              "-> Tensor",
+                              lambda q, *_: torch.empty_like(q),
+                              lambda q, k, ks, v, vs, mask, rows: _attention_reference(
+                                  q, model.dequantize_kv(k[rows], ks[rows], q.dtype),
+                                  model.dequantize_kv(v[rows], vs[rows], q.dtype), mask),
+                              lambda q, k, ks, v, vs, mask, rows: q.device.type == "cpu" and q.size(-1) % 8 == 0
+                              and ks.size(-1) in (1, q.size(-1) // 32)),
 }
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from model import Attention, FeedForward
+from model import Attention, FeedForward, KVCache
 
 # ---- the checkpoints' quantized layouts (pure functions) ---------------------------------------------------
 
@@ -77,12 +77,18 @@ def use_cpu_linear(transformer: nn.Module) -> None:
             m.glu = functools.partial(cpu_glu, m.w1, m.w3)
 
 
-def cpu_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: Tensor | None = None) -> Tensor:
-    """model.decode_attention (one query position) by kernels.cpp where it applies. It visits only the positions
-    the mask lets through; inductor's code for the PyTorch form reads the whole static cache."""
+def cpu_decode_attention(q: Tensor, cache: KVCache, mask: Tensor, row: int | Tensor) -> Tensor:
+    """model.attend_cache (one query position) by kernels.cpp where it applies. It visits only the positions the mask
+    lets through; inductor's code for the PyTorch form reads the whole static cache."""
     B, H, _, D = q.shape
-    rows = torch.arange(B, device=q.device) if rows is None else rows
-    return kernels.run("decode_attention", q.view(B, H, D), k, v, mask.reshape(-1, k.size(2)), rows).view(B, H, 1, D)
+    rows = row if isinstance(row, Tensor) else torch.arange(row, row + B, device=q.device)
+    mask = mask.reshape(-1, cache.k_cache.size(2))
+    if cache.quantized:
+        out = kernels.run("decode_attention_q8", q.view(B, H, D), cache.k_cache, cache.k_scales, cache.v_cache,
+                          cache.v_scales, mask, rows)
+    else:
+        out = kernels.run("decode_attention", q.view(B, H, D), cache.k_cache, cache.v_cache, mask, rows)
+    return out.view(B, H, 1, D)
 
 
 def use_cpu_attention(transformer: nn.Module) -> None:
@@ -139,14 +145,13 @@ class Int8Linear(nn.Module):
     def prepare(self, device: torch.device | None = None, activations: str = "int16") -> None:
         """Pick the kernel of the device (default: the module's; memory.py sizes a meta module for another); for
         kernels.cpp, repack weight and scales into its layout (new tensors, so a tied embedding keeps its rows) and
-        take the op of its activations (--quant_activations, as kernels.Cpu.activations resolves it)."""
+        take the op of its activations ("int16" or "int8", as kernels.Cpu.activations resolved them)."""
         if self.kernel is not None:
             return
         groupsize = None if self.scales.dim() == 1 else self.in_features // self.scales.size(1)
         self.kernel = kernels.quantized_kernel(device or self.weight.device, "int8", self.in_features,
                                                self.out_features, groupsize)
-        q8 = kernels.this_cpu().activations(activations, "int8") == "int8"
-        self.op = "int8_linear_q8" if q8 and self.kernel == "cpp" else "int8_linear"
+        self.op = "int8_linear_q8" if activations == "int8" and self.kernel == "cpp" else "int8_linear"
         if self.kernel == "cpp":
             self.weight, self.scales = kernels.int8_to_kernel(self.weight, self.scales.view(self.out_features, -1))
 
@@ -195,8 +200,7 @@ class Int4Linear(nn.Module):
             return
         device = device or self.weight.device
         kernel = kernels.quantized_kernel(device, "int4", self.in_features, self.out_features, self.groupsize)
-        q8 = kernels.this_cpu().activations(activations, "int4") == "int8"
-        self.op = "int4_linear_q8" if q8 and kernel == "cpp" else "int4_linear"
+        self.op = "int4_linear_q8" if activations == "int8" and kernel == "cpp" else "int4_linear"
         if kernel == "cpp":  # (d, m) = (s, z - 8 s) per group, float16 (quantize_int4 makes them exact)
             s, z = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, G) each
             self.weight, self.scales_and_zeros = kernels.int4_to_kernel(unpack_int4(self.weight), s, z - 8 * s)
@@ -250,13 +254,15 @@ def swap_modules(model: nn.Module, quantization) -> None:
 
 def prepare(model: nn.Module, device: torch.device | None = None, activations: str = "int16") -> None:
     """Pick each quantized layer's kernel for the device it is on, or `device` (and repack its weights for it), its
-    activations on kernels.cpp (--quant_activations: "auto", "int16" or "int8", resolved per kind by
-    kernels.Cpu.activations); give a feed-forward whose w1 and w3 both
-    use kernels.cpp's int8 kernel the fused int8_glu. On CPU a tied output layer gets its own copy in the kernel's
-    layout: 8-row groups would make every embedding lookup a gather."""
+    activations on kernels.cpp (--quant_activations: "auto", "int16" or "int8", resolved for the checkpoint's kind,
+    int4 if any layer is, by kernels.Cpu.activations); give a feed-forward whose w1 and w3 both use kernels.cpp's int8
+    kernel the fused int8_glu. On CPU a tied output layer gets its own copy in the kernel's layout: 8-row groups would
+    make every embedding lookup a gather."""
+    kind = "int4" if any(isinstance(m, Int4Linear) for m in model.modules()) else "int8"
+    mode = kernels.this_cpu().activations(activations, kind)
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
-            m.prepare(device, activations)
+            m.prepare(device, mode)
     for m in model.modules():
         if not isinstance(m, FeedForward):
             continue

@@ -28,12 +28,13 @@ from torch import nn
 
 import cuda
 import layers
-from checkpoint import PRECISIONS, Checkpoint, Quantization, build_model, resolve_precision
+from checkpoint import KV_DTYPES, PRECISIONS, Checkpoint, Quantization, build_model, resolve_kv_dtype, resolve_precision
 from configs import KNOWN, known_config
 from kernels import GEMV_MAX_ROWS
 from model import ModelArgs, Transformer
 
-CACHE_BUFFERS = ("k_cache", "v_cache", "freqs_cis")
+KV_BUFFERS = ("k_cache", "v_cache", "k_scales", "v_scales")  # model.KVCache's (scales: int8 caches only)
+CACHE_BUFFERS = (*KV_BUFFERS, "freqs_cis")
 MiB = 2**20
 # The runtime's own resident memory before a model's weights: Python, torch, the server's libraries and the built C++
 # kernels. Measured once on a CPU (server.py's process after sizing a float model: 255 MiB; generate.py's: 237 MiB;
@@ -151,7 +152,8 @@ class Estimate:
     largest activation). needed_bytes, what must fit, leaves out the checkpoint file's pages: they are clean page
     cache, which the kernel drops when memory runs short."""
     model: str
-    precision: str  # the activations' (and the KV cache's) dtype
+    precision: str  # the activations' dtype
+    kv_dtype: str  # the KV cache's (checkpoint.resolve_kv_dtype)
     weight_format: str
     device: str
     rows: int
@@ -197,7 +199,7 @@ class Sizer:
     """One model built on the meta device as the loader would build it; `at(rows, context)` sizes it."""
 
     def __init__(self, args: ModelArgs, weight_format: str, precision: str = "auto", device: str = "cpu",
-                 name: str = "model", file_bytes: int | None = None, groupsize: int = 32):
+                 name: str = "model", file_bytes: int | None = None, groupsize: int = 32, kv_dtype: str = "auto"):
         if weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"unknown weight format {weight_format!r}; choose from {', '.join(WEIGHT_FORMATS)}")
         stored, q = WEIGHT_FORMATS[weight_format]
@@ -205,6 +207,7 @@ class Sizer:
             q = Quantization("int4", groupsize=groupsize)
         self.args, self.name, self.weight_format, self.device = args, name, weight_format, torch.device(device)
         self.precision = resolve_precision(precision, q, self.device)  # float weights load in this dtype too
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, self.precision, q, self.device)
         self.params = {}  # per component, tied tensors once
         for key, p in build_model(args).named_parameters():
             self.params[component(key)] = self.params.get(component(key), 0) + p.numel()
@@ -213,6 +216,7 @@ class Sizer:
             self.model.to(PRECISIONS[stored])
         self.file_bytes = file_bytes if file_bytes is not None else sum(weight_sizes(self.model).values())
         self.model.to(PRECISIONS[self.precision])
+        self.model.kv_dtype = KV_DTYPES[self.kv_dtype]
         if args.tie_embeddings:
             self.model.tie_weights()
         if q is not None:
@@ -220,11 +224,11 @@ class Sizer:
         self.quantization, self.dynamo = q, "torch._dynamo" in sys.modules
 
     @classmethod
-    def of(cls, ckpt: Checkpoint, precision: str, device) -> "Sizer":
+    def of(cls, ckpt: Checkpoint, precision: str, device, kv_dtype: str = "auto") -> "Sizer":
         """The Sizer of a checkpoint loaded in precision on device, as generate.load_model loads it."""
         q = ckpt.quantization
         return cls(ckpt.args, checkpoint_format(ckpt), precision, device, ckpt.folder.name,
-                   ckpt.weights.stat().st_size, q.groupsize if q is not None and q.groupsize else 32)
+                   ckpt.weights.stat().st_size, q.groupsize if q is not None and q.groupsize else 32, kv_dtype)
 
     def at(self, rows: int, context: int, chunk: int = 64) -> Estimate:
         """The estimate for a KV cache of rows x context and prefill passes of `chunk` tokens."""
@@ -236,11 +240,12 @@ class Sizer:
         for name, n in sizes.items():
             if not name.endswith(CACHE_BUFFERS):
                 weights[component(name)] = weights.get(component(name), 0) + n
-        kv = sum(n for name, n in sizes.items() if name.endswith(("k_cache", "v_cache")))
+        kv = sum(n for name, n in sizes.items() if name.endswith(KV_BUFFERS))
         tables = {"rotary": sizes["freqs_cis"]}
         W = sum(weights.values())
         return Estimate(
-            model=self.name, precision=self.precision, weight_format=self.weight_format, device=self.device.type,
+            model=self.name, precision=self.precision, kv_dtype=self.kv_dtype, weight_format=self.weight_format,
+            device=self.device.type,
             rows=rows, context=context, params=sum(self.params.values()), params_per_part=dict(self.params),
             weights=weights, kv_bytes_per_token=kv // (rows * (context + 1)),
             kv_cache_bytes=kv, tables=tables,
@@ -386,7 +391,7 @@ def gib(n: float) -> str:
 
 def print_estimate(est: Estimate, bandwidth: float | None) -> None:
     print(f"{est.model}: {est.params / 1e9:.3f} B parameters, {est.weight_format} weights, {est.precision} "
-          f"activations on {est.device}, {est.rows} rows x {est.context} positions")
+          f"activations, {est.kv_dtype} KV cache on {est.device}, {est.rows} rows x {est.context} positions")
     print("| part | bytes | |\n|---|---:|---|")
     for part, n in est.weights.items():
         own = est.params_per_part.get(part)  # a CPU int8 output layer is its own copy of a tied embedding
@@ -425,14 +430,14 @@ def rule_of_thumb(precision: str, context: int) -> list[dict]:
 
 
 def main(*, model: str, precision: str | None = None, groupsize: int = 32, activations: str = "auto",
-         context: int | None = None, rows: int = 1, device: str = "cpu", memory: str | None = None,
-         bandwidth: str | None = None, json_out: bool = False, chunk: int = 64,
+         kv_dtype: str = "auto", context: int | None = None, rows: int = 1, device: str = "cpu",
+         memory: str | None = None, bandwidth: str | None = None, json_out: bool = False, chunk: int = 64,
          rule_of_thumb_table: bool = False) -> None:
     args, own_format, name, file_bytes = resolve_model(model)
     fmt = precision or own_format or "bf16"
     if activations == "auto" and precision in ("fp32", "bf16", "fp16"):
         activations = precision  # float weights are loaded in the activations' dtype: --precision fp32 means both
-    sizer = Sizer(args, fmt, activations, device, name, file_bytes if fmt == own_format else None, groupsize)
+    sizer = Sizer(args, fmt, activations, device, name, file_bytes if fmt == own_format else None, groupsize, kv_dtype)
     context = context or min(args.block_size, DEFAULT_CONTEXT)
     if rows < 1 or context < 1:
         raise ValueError("--rows and --context must be at least 1")
@@ -472,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight format (default: the checkpoint's own; bf16 for a config); q8_0 / q4_1: GGUF imports")
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
     p.add_argument("--activations", choices=list(PRECISIONS), default="auto",
-                   help="activations and KV cache dtype, as generate.py's --precision")
+                   help="activations dtype, as generate.py's --precision")
+    p.add_argument("--kv_dtype", choices=list(KV_DTYPES), default="auto",
+                   help="KV cache dtype, as generate.py's --kv_dtype (auto: the activations')")
     p.add_argument("--context", type=int, default=None,
                    help=f"positions per row (default: the model's, at most {DEFAULT_CONTEXT})")
     p.add_argument("--rows", type=int, default=1, help="rows of the KV cache (batch size, server rows)")

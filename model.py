@@ -149,15 +149,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: Tensor | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v for q (B, H, T, D) over k, v (B, KV, S, D) with H a multiple of KV; with rows (B,),
-    k and v are a whole cache (R, KV, S, D) and query row b attends over its row rows[b].
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v for q (B, H, T, D) over k, v (B, KV, S, D) with H a multiple of KV.
 
     Under torch.compile the query heads of a kv head broadcast against it, which inductor fuses into one
     reduction; eager PyTorch would copy k for that, so it folds them into the rows of a batched matmul.
     """
-    if rows is not None:
-        k, v = k[rows], v[rows]  # (B, KV, S, D)
     B, H, T, D = q.shape
     KV, rep = k.size(1), H // k.size(1)
     if torch.compiler.is_compiling():
@@ -206,37 +203,93 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+KV_BLOCK = 32  # values of a key or value vector that share one scale in an int8 KV cache (llama.cpp's q8_0 block)
+
+
+def quantize_kv(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """x (..., D) -> int8 q (..., D) and float32 scales s (..., D // block), x ~ q * s per block of `block` values:
+    s = max |x| / 127 over the block, q = round(x / s). Each vector by itself, so a row's cache is the same whatever
+    else is in the batch."""
+    xb = x.float().unflatten(-1, (-1, block))  # (..., D // block, block)
+    s = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(s > 0, xb / s, 0.0).round().clamp(-127, 127).to(torch.int8)
+    return q.flatten(-2), s.squeeze(-1)
+
+
+def dequantize_kv(q: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
+    """quantize_kv's q (..., D) and s (..., D // block) -> q * s (..., D) in dtype."""
+    return (q.unflatten(-1, (s.size(-1), -1)).float() * s[..., None]).flatten(-2).to(dtype)
+
+
 class KVCache(nn.Module):
-    def __init__(self, max_batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+    """Keys and values of every row, kv head and position: k_cache and v_cache (R, n_kv, S, D) stored in `dtype`, or,
+    for dtype torch.int8, int8 with a float32 scale per block of KV_BLOCK values in k_scales and v_scales
+    (R, n_kv, S, D // block). Attention reads them in `compute_dtype`, the activations'."""
+
+    def __init__(self, max_batch_size: int, max_seq_length: int, n_kv_heads: int, head_dim: int, dtype,
+                 device=None, compute_dtype=None):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.compute_dtype = compute_dtype or dtype
+        self.quantized = dtype == torch.int8
+        self.block = KV_BLOCK if head_dim % KV_BLOCK == 0 else head_dim  # a head of other sizes: one scale each
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        if self.quantized:
+            scales = (*shape[:3], head_dim // self.block)
+            self.register_buffer("k_scales", torch.zeros(scales, device=device), persistent=False)
+            self.register_buffer("v_scales", torch.zeros(scales, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int | Tensor = 0) -> tuple[Tensor, Tensor]:
+    @property
+    def dtype(self) -> torch.dtype:
+        """How keys and values are stored (torch.int8: with scales)."""
+        return self.k_cache.dtype
+
+    def stored(self) -> list[Tensor]:
+        """Every tensor the cache holds, (R, n_kv, S, ...) each: k and v, and their scales when int8."""
+        return [t for _, t in self.named_buffers()]
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int | Tensor = 0) -> None:
         """Write k, v (B, n_kv, T, D) into cache rows row..row+B-1, or into the rows a tensor row (B,) names, at
-        positions input_pos: (T,) for every row, or (B, T), each row its own. Return the cache rows written
-        (B, n_kv, S, D); for a tensor row, the whole cache (R, n_kv, S, D), which attention reads through row."""
+        positions input_pos: (T,) for every row, or (B, T), each row its own."""
         B = k.size(0)
         # written through the whole cache, never a slice of it: under torch.compile a write into a slice copies the
         # whole cache (all rows, every position) on every step
         rows = (row if isinstance(row, Tensor) else torch.arange(row, row + B, device=k.device))[:, None]
         pos = input_pos if input_pos.dim() == 2 else input_pos[None]  # index (B, 1) x (B or 1, T): (B, T, n_kv, D)
-        self.k_cache[rows, :, pos] = k.transpose(1, 2)
-        self.v_cache[rows, :, pos] = v.transpose(1, 2)
-        if isinstance(row, Tensor):
-            return self.k_cache, self.v_cache
-        return self.k_cache[row:row + B], self.v_cache[row:row + B]
+        for x, cache, scales in ((k, self.k_cache, "k_scales"), (v, self.v_cache, "v_scales")):
+            x = x.transpose(1, 2)  # (B, T, n_kv, D)
+            if self.quantized:
+                x, s = quantize_kv(x, self.block)
+                getattr(self, scales)[rows, :, pos] = s
+            cache[rows, :, pos] = x.to(cache.dtype)
 
-    def read(self, row: int, length: int) -> tuple[Tensor, Tensor]:
-        """Copies of the first `length` positions of batch row `row`: k, v (n_kv, length, D)."""
-        return self.k_cache[row, :, :length].clone(), self.v_cache[row, :, :length].clone()
+    def rows(self, row: int | Tensor, B: int, length: int | None = None) -> tuple[Tensor, Tensor]:
+        """k, v (B, n_kv, length or S, D) in compute_dtype: cache rows row..row+B-1, or the rows a tensor row (B,)
+        names, their first `length` positions (default all)."""
+        index = row if isinstance(row, Tensor) else slice(row, row + B)
+        out = []
+        for name in ("k", "v"):
+            x = getattr(self, f"{name}_cache")[index, :, :length]
+            if self.quantized:
+                x = dequantize_kv(x, getattr(self, f"{name}_scales")[index, :, :length], self.compute_dtype)
+            out.append(x.to(self.compute_dtype))
+        return out[0], out[1]
 
-    def write(self, row: int, k: Tensor, v: Tensor) -> None:
-        """Fill the first positions of batch row `row` with k, v (n_kv, P, D), e.g. a prefix read earlier."""
-        P = k.size(1)
-        self.k_cache[row, :, :P] = k.to(self.k_cache.device)
-        self.v_cache[row, :, :P] = v.to(self.v_cache.device)
+    def read(self, row: int, length: int) -> list[Tensor]:
+        """Copies of the first `length` positions of batch row `row`: stored()'s tensors, (n_kv, length, ...) each."""
+        return [t[row, :, :length].clone() for t in self.stored()]
+
+    def write(self, row: int, saved: list[Tensor]) -> None:
+        """Fill the first positions of batch row `row` with what read() returned, e.g. a prefix read earlier."""
+        for t, x in zip(self.stored(), saved, strict=True):
+            t[row, :, :x.size(1)] = x.to(t.device)
+
+
+def attend_cache(q: Tensor, cache: KVCache, mask: Tensor, row: int | Tensor) -> Tensor:
+    """decode_attention of q (B, H, 1, D) over the cache rows row..row+B-1, or the rows a tensor row (B,) names."""
+    k, v = cache.rows(row, q.size(0))
+    return decode_attention(q, k, v, mask)
 
 
 class Attention(nn.Module):
@@ -247,7 +300,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.attention_bias)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
-        self.decode_attention = decode_attention  # attention of one new token; kernels.py may swap in its own
+        self.decode_attention = attend_cache  # attention of one new token; layers.py may swap in its own
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor | None, input_pos: Tensor,
                 cache_row: int | Tensor = 0) -> Tensor:
@@ -258,18 +311,13 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k.view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        k, v = self.kv_cache.update(input_pos, k, v, cache_row)  # (B, n_kv_heads, S, head_dim), or the whole cache
-        rows = cache_row if isinstance(cache_row, Tensor) else None
-        if rows is not None and T > 1:  # a prompt into named cache rows: attention over those rows
-            k, v = k[rows], v[rows]
+        self.kv_cache.update(input_pos, k, v, cache_row)
         gqa = self.n_head != self.n_kv_heads
-        if mask is None:  # a prompt at positions 0..T-1 (Transformer.forward): causal over the first T cache positions
-            y = F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=gqa)
-        elif T == 1:  # decoding: plain math that the compiler fuses beats a flash kernel for one query
-            y = self.decode_attention(q, k, v, mask, rows)
-        else:  # the mask may cover only the first positions of the cache (Transformer.forward)
-            L = mask.size(-1)
-            y = F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], attn_mask=mask, enable_gqa=gqa)
+        if mask is not None and T == 1:  # decoding: plain math the compiler fuses beats a flash kernel for one query
+            y = self.decode_attention(q, self.kv_cache, mask, cache_row)
+        else:  # a prompt: attention over the first T (causal) or the mask's positions (Transformer.forward)
+            k, v = self.kv_cache.rows(cache_row, B, T if mask is None else mask.size(-1))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, n_head * head_dim)
         return self.wo(y)
 
@@ -320,6 +368,8 @@ class Transformer(nn.Module):
             self.tie_weights()
         self.max_batch_size = -1
         self.max_seq_length = -1
+        self.kv_dtype: torch.dtype | None = None  # how the KV cache stores keys and values (torch.int8: with scales);
+        # None: in the activations' dtype. The loader sets it (--kv_dtype); setup_caches reads it
 
     def tie_weights(self) -> None:
         """Tied embeddings: the output layer reads the embedding's own tensors (its weight, and a quantized one's
@@ -348,15 +398,18 @@ class Transformer(nn.Module):
         """
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context of {self.config.block_size}")
-        if self.max_batch_size >= max_batch_size and self.max_seq_length == max_seq_length:
+        dtype, device = self.dtype, self.device
+        kv_dtype = self.kv_dtype or dtype
+        cache = self.layers[0].attention.kv_cache if self.layers else None
+        if (self.max_batch_size >= max_batch_size and self.max_seq_length == max_seq_length
+                and (cache is None or cache.dtype == kv_dtype)):
             return
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
-        dtype, device = self.dtype, self.device
         c = self.config
         S = max_seq_length + 1  # with the scratch position
         for block in self.layers:  # each block's own heads (fewer under tensor parallelism) and device
             a, w = block.attention, block.attention_norm.weight
-            a.kv_cache = KVCache(max_batch_size, S, a.n_kv_heads, a.head_dim, dtype, w.device)
+            a.kv_cache = KVCache(max_batch_size, S, a.n_kv_heads, a.head_dim, kv_dtype, w.device, dtype)
         freqs = precompute_freqs_cis(S, c.head_dim, c.rope_base, c.rope_scaling)
         self.register_buffer("freqs_cis", freqs.to(device), persistent=False)
 

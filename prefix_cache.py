@@ -18,12 +18,12 @@ from checkpoint import Checkpoint
 from files import BadFile, written
 from tokenizer import tokenizer_fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "kv", each layer's KVCache.read (scales too for an int8 cache), for "k" and "v"
 
 
 def fingerprint(ckpt: Checkpoint, model) -> dict:
-    """What a prefix cache depends on: the checkpoint (config + weights file), its tokenizer, the cache dtype, how its
-    quantized layers round activations (layers.activations)."""
+    """What a prefix cache depends on: the checkpoint (config + weights file), its tokenizer, the activations' and the
+    cache's dtypes, how its quantized layers round activations (layers.activations)."""
     h = hashlib.sha256(ckpt.config_file.read_bytes())
     size = ckpt.weights.stat().st_size
     with open(ckpt.weights, "rb") as f:  # the file's size and its first and last MiB: cheap even for 100 GB files
@@ -32,15 +32,14 @@ def fingerprint(ckpt: Checkpoint, model) -> dict:
         h.update(f.read(1 << 20))
     h.update(str(size).encode())
     return {"checkpoint": h.hexdigest(), "tokenizer": tokenizer_fingerprint(ckpt.folder), "dtype": str(model.dtype),
-            "activations": layers.activations(model)}
+            "kv_dtype": str(model.kv_dtype or model.dtype), "activations": layers.activations(model)}
 
 
 def save(path: Path, model, tokens: list[int], text: str, fp: dict) -> None:
     """Write the KV of positions 0..len(tokens)-1 (batch row 0), the tokens and the prefix text."""
-    kv = [b.attention.kv_cache.read(0, len(tokens)) for b in model.layers]  # (n_kv_heads, P, head_dim) each
+    kv = [b.attention.kv_cache.read(0, len(tokens)) for b in model.layers]  # (n_kv_heads, P, ...) each
     with written(path) as tmp:
-        torch.save({"version": FORMAT_VERSION, "fingerprint": fp, "tokens": tokens, "text": text,
-                    "k": [k for k, _ in kv], "v": [v for _, v in kv]}, tmp)
+        torch.save({"version": FORMAT_VERSION, "fingerprint": fp, "tokens": tokens, "text": text, "kv": kv}, tmp)
 
 
 def load(path: Path, fp: dict) -> dict:
@@ -56,12 +55,13 @@ def load(path: Path, fp: dict) -> dict:
     if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or not isinstance(data.get("fingerprint"),
                                                                                           dict):
         raise BadFile(path, f"not a fastllama prefix cache (version {FORMAT_VERSION})", remake)
-    if not (len(data.get("k", ())) == len(data.get("v", ())) and isinstance(data.get("tokens"), list)):
+    kv = data.get("kv")
+    if not (isinstance(kv, list) and all(isinstance(t, list) for t in kv) and isinstance(data.get("tokens"), list)):
         raise BadFile(path, "a damaged prefix cache (its keys, values and tokens do not agree)", remake)
     for key, what in (("checkpoint", "checkpoint"), ("tokenizer", "tokenizer"), ("dtype", "precision"),
-                      ("activations", "--quant_activations")):
-        if data["fingerprint"].get(key, "int16") != fp[key]:
-            raise ValueError(f"{path} was made with a different {what} ({data['fingerprint'][key][:16]} vs "
+                      ("kv_dtype", "--kv_dtype"), ("activations", "--quant_activations")):
+        if data["fingerprint"].get(key) != fp[key]:
+            raise ValueError(f"{path} was made with a different {what} ({str(data['fingerprint'].get(key))[:16]} vs "
                              f"{fp[key][:16]}); make it again with this model and precision")
     return data
 
@@ -69,8 +69,8 @@ def load(path: Path, fp: dict) -> dict:
 def restore(model, data: dict) -> list[int]:
     """Fill the start of the KV cache (batch row 0) from load()'s data; return the tokens it holds."""
     assert len(data["tokens"]) <= model.max_seq_length, "setup_caches with room for the prefix"
-    for block, k, v in zip(model.layers, data["k"], data["v"]):
-        block.attention.kv_cache.write(0, k, v)
+    for block, saved in zip(model.layers, data["kv"], strict=True):
+        block.attention.kv_cache.write(0, saved)
     return list(data["tokens"])
 
 

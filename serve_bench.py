@@ -373,9 +373,10 @@ def serving_files(checkpoint: Path, gguf: Path | None, precision: str = "int4") 
 
 def main_serve(checkpoint: Path, precisions: list[str], prompt_sets: list[str], clients: list[int], rate: float | None,
                requests: int, max_new_tokens: int, rows: int, context: int, prompts: Path, compile: bool,
-               llama_server: str | None, gguf: Path | None, json_path: Path | None, threads: int) -> list:
-    """For each precision, start server.py (and llama-server, where found) on the same weights and run every load
-    shape of every prompt set on both."""
+               llama_server: str | None, gguf: Path | None, json_path: Path | None, threads: int,
+               server_flags: list[str] = ()) -> list:
+    """For each precision, start server.py (with server_flags; llama-server, where found, with its defaults) on the
+    same weights and run every load shape of every prompt set on both."""
     bad = [p for p in precisions if p not in SERVE_PRECISIONS] + [s for s in prompt_sets if s not in PROMPT_SETS]
     if bad or not precisions or not prompt_sets:
         raise ValueError(f"--serve runs precisions {', '.join(SERVE_PRECISIONS)} and prompt sets "
@@ -394,7 +395,7 @@ def main_serve(checkpoint: Path, precisions: list[str], prompt_sets: list[str], 
             port = free_port()
             started["fastllama"] = ServerProcess(
                 [sys.executable, ROOT / "server.py", "--checkpoint_path", ours, "--rows", rows, "--context", context,
-                 "--port", port] + (["--compile"] if compile else []), port)
+                 "--port", port, *server_flags] + (["--compile"] if compile else []), port)
             if binary and weights_gguf:
                 port = free_port()
                 started["llama.cpp"] = ServerProcess(

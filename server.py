@@ -27,10 +27,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+import layers
 import protocol as api
 import tp
-from checkpoint import PRECISIONS, Checkpoint, resolve_precision
-from cli import add_quant_activations_flag, run_cli
+from checkpoint import PRECISIONS, Checkpoint, resolve_kv_dtype, resolve_precision
+from cli import add_numerics_flags, run_cli
 from engine import Engine, Metrics, Output, QueueFull, Sampling
 from engine import Request as EngineRequest
 from generate import (
@@ -418,9 +419,10 @@ def prometheus(m: Metrics, running: int, waiting: int) -> str:
 
 def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: int, context: int, chunk: int,
                 prefill_budget: int, max_queue: int, compile: bool, name: str | None, url: str,
-                activations: str = "auto") -> Served:
+                activations: str = "auto", kv_dtype: str = "auto") -> Served:
     """Load the model, build the engine (compiling and warming up its decode step with --compile) and say so."""
-    model, tokenizer = load_model(ckpt, device, precision, quant_activations=activations), get_tokenizer(ckpt.folder)
+    model = load_model(ckpt, device, precision, quant_activations=activations, kv_dtype=kv_dtype)
+    tokenizer = get_tokenizer(ckpt.folder)
     step = compile_decode_rows(device, rows) if compile else decode_rows
     engine = Engine(model, tokenizer, rows=rows, context=context, chunk=chunk, prefill_budget=prefill_budget,
                     decode_step=step, max_queue=max_queue)
@@ -433,17 +435,18 @@ def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: in
     if rows > GEMV_MAX_ROWS:
         tp.log(f"note: with more than {GEMV_MAX_ROWS} rows the decode step is a GEMM, not each row's GEMV: a "
                "request's tokens may then depend on what else is in the batch")
-    kv = sum(b.attention.kv_cache.k_cache.nbytes * 2 for b in model.layers)
-    name = name or ckpt.folder.name
-    tp.log(f"serving {name} ({ckpt.format.describe()}; {precision} on {device}) with {rows} rows x {context} "
-           f"positions (KV cache {kv / 1e9:.2f} GB) at {url}/v1")
+    kv = sum(t.nbytes for b in model.layers for t in b.attention.kv_cache.stored())
+    name, kv_name = name or ckpt.folder.name, resolve_kv_dtype(kv_dtype, precision, ckpt.quantization, device)
+    quantized = f", {layers.activations(model)} activations" if ckpt.quantization is not None else ""
+    tp.log(f"serving {name} ({ckpt.format.describe()}; {precision} on {device}{quantized}) with {rows} rows x "
+           f"{context} positions ({kv_name} KV cache, {kv / 1e9:.2f} GB) at {url}/v1")
     return Served(engine, tokenizer, name)
 
 
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, host: str = "127.0.0.1", port: int = 8000, rows: int = 8,
          context: int | None = None, chunk: int = 64, prefill_budget: int | None = None, max_queue: int = 64,
          compile: bool = False, device: str | None = None, precision: str = "auto",
-         model_name: str | None = None, quant_activations: str = "auto") -> None:
+         model_name: str | None = None, quant_activations: str = "auto", kv_dtype: str = "auto") -> None:
     """Serve the checkpoint over HTTP until interrupted (Ctrl-C) or terminated (SIGTERM).
 
     The HTTP server runs in a thread and the engine in the main thread: OpenMP's parallel regions, which every kernel
@@ -457,7 +460,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, host: str = "127.0.0.1",
     # rows x context from memory.py: the context given, else the model's (at most 4096) cut to what fits; one line
     # with the numbers, before the server starts, for a setting that cannot fit
     precision = resolve_precision(precision, ckpt.quantization, dev)
-    context = plan(Sizer.of(ckpt, precision, dev), available_bytes(dev), rows, context, chunk).context
+    context = plan(Sizer.of(ckpt, precision, dev, kv_dtype), available_bytes(dev), rows, context, chunk).context
     state, stop = {}, threading.Event()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning"))
     http = threading.Thread(target=server.run, daemon=True, name="http")
@@ -469,7 +472,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, host: str = "127.0.0.1",
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the step at hand, then stop
     try:
         state["served"] = load_served(ckpt, dev, precision, rows, context, chunk, prefill_budget, max_queue,
-                                      compile, model_name, url, quant_activations)
+                                      compile, model_name, url, quant_activations, kv_dtype)
         state["served"].engine.run(stop)
     finally:
         server.should_exit = True
@@ -494,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto", help="activations dtype")
     p.add_argument("--model_name", type=str, default=None, help="the name clients use (default: the folder's)")
-    add_quant_activations_flag(p)
+    add_numerics_flags(p)
     return p
 
 

@@ -53,7 +53,8 @@ def test_startup_times_a_new_process_to_its_first_token(tiny_llama):
     cpu = torch.device("cpu")
     cmd = benchmark.startup_command("fastllama eager", folder, "fp32", cpu)
     assert cmd[1].endswith("generate.py") and "--compile" not in cmd and cmd[cmd.index("--max_new_tokens") + 1] == "1"
-    assert "--compile" in benchmark.startup_command("fastllama --compile", folder, "fp32", cpu)
+    compiled = benchmark.startup_command("fastllama --compile", folder, "fp32", cpu, {"kv_dtype": "int8"})
+    assert "--compile" in compiled and compiled[compiled.index("--kv_dtype") + 1] == "int8"
     assert benchmark.startup_command("transformers", folder, "fp32", cpu) is None
     assert benchmark.startup_seconds(cmd, 1) > 0
     with pytest.raises(RuntimeError, match="failed"):

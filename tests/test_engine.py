@@ -32,12 +32,22 @@ def tiny(tiny_llama):
     return load_model(folder, "cpu", "fp32"), load_model(folder, "cpu", "fp32"), get_tokenizer(folder)
 
 
+MODES = {"int4-int16-kvbf16": ("int16", "bf16"), "int4-int8-kvint8": ("int8", "int8")}  # activations, KV cache
+
+
 @pytest.fixture(scope="module")
-def tiny_q8(tiny_quantized):
-    """As tiny, for the int4 tiny model with int8 activations (where the kernels are built)."""
-    path = tiny_quantized["int4"]
-    model, alone = (load_model(path, "cpu", "fp32", quant_activations="int8") for _ in "ab")
-    return model, alone, get_tokenizer(path.parent)
+def tiny_int4(tiny_quantized):
+    """As tiny, for the int4 tiny model in a mode of MODES: int16 activations and a bf16 KV cache, or int8 activations
+    (where the kernels are built) and an int8 KV cache; each built once."""
+    path, built = tiny_quantized["int4"], {}
+
+    def models(mode: str):
+        if mode not in built:
+            activations, kv = MODES[mode]
+            pair = [load_model(path, "cpu", "fp32", quant_activations=activations, kv_dtype=kv) for _ in "ab"]
+            built[mode] = (*pair, get_tokenizer(path.parent))
+        return built[mode]
+    return models
 
 
 def test_prefill_pieces_cut_at_multiples_of_the_chunk():
@@ -125,19 +135,24 @@ def same_bits(a: list, b: list) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int4-int8"])
+@pytest.mark.parametrize("kind", ["fp32", *MODES])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_batching_is_exact(request, reset_dynamo, logits_seen, compiled, kind):
     """Requests arriving at random steps, with random prompts (some sharing a prefix) and lengths, through ROWS rows:
     each gets, at temperature 0, the tokens generate() gives it alone with the same prefill pieces, and its logits
     are bit for bit those it gets alone in an engine with nothing else and nothing cached (the same arithmetic
-    whatever else is in the batch or was computed before it), eager and compiled; for the fp32 tiny model and for the
-    int4 one with int8 activations (kernels_q8.h's ops at every count of rows)."""
-    model, alone, tok = request.getfixturevalue("tiny" if kind == "fp32" else "tiny_q8")
+    whatever else is in the batch or was computed before it), eager and compiled; for the fp32 tiny model (fp32 KV
+    cache) and for the int4 one in MODES: int16 activations with a bf16 KV cache, int8 activations (kernels_q8.h's ops
+    at every count of rows) with an int8 one."""
+    fp32 = kind == "fp32"
+    model, alone, tok = request.getfixturevalue("tiny") if fp32 else request.getfixturevalue("tiny_int4")(kind)
+    kv = model.kv_dtype or model.dtype  # the KV cache's, as setup_caches makes it
     if kind == "fp32":  # every layer on kernels.cpp where they are built: a lone row is decoded alone
-        assert rows_alone(model) == kernels.cpu_kernels()
+        assert rows_alone(model) == kernels.cpu_kernels() and kv == torch.float32
     else:  # w2's 96 inputs are no multiple of 64: torch computes it, and every step computes all rows
-        assert not rows_alone(model) and layers.activations(model) == ("int8" if kernels.cpu_kernels() else "int16")
+        int8 = kv == torch.int8
+        assert kv == (torch.int8 if MODES[kind][1] == "int8" else torch.bfloat16) and not rows_alone(model)
+        assert layers.activations(model) == ("int8" if int8 and kernels.cpu_kernels() else "int16")
     step = compile_decode_rows(torch.device("cpu"), ROWS) if compiled else decode_rows
     ref_step = compile_step(decode_one_token, torch.device("cpu")) if compiled else None
     expected = {}

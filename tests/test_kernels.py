@@ -11,6 +11,7 @@ from helpers import needs_avx2
 
 import kernels
 import layers
+import model
 import quantize as qz
 from generate import compile_step, decode_one_token, generate, load_model
 from kernels import Cpu
@@ -40,7 +41,9 @@ def test_op_table_schemas_fakes_and_references():
             "int4_linear_q8": (x, *q4), "int8_linear_q8": (x, *q8[0]), "int8_glu_q8": (x, *q8[0], *q8[1]),
             "dense_linear": (x, w1), "dense_glu": (x, w1, w3),
             "decode_attention": (torch.randn(2, 4, 64), torch.randn(3, 2, 40, 64), torch.randn(3, 2, 40, 64), mask,
-                                 torch.tensor([2, 0]))}
+                                 torch.tensor([2, 0])),
+            "decode_attention_q8": (torch.randn(2, 4, 64), *model.quantize_kv(torch.randn(3, 2, 40, 64), 32),
+                                    *model.quantize_kv(torch.randn(3, 2, 40, 64), 32), mask, torch.tensor([2, 0]))}
     assert args.keys() == kernels.OPS.keys()
     for name, op in kernels.OPS.items():
         packet = getattr(torch.ops.fastllama, name)
@@ -305,17 +308,20 @@ def test_int8_activations_round_as_the_reference_and_sum_exactly():
 
 
 @needs_avx2
-@pytest.mark.parametrize("cpu, described", [(Cpu("AVX512", True, True), "int8 for int4 layers, int16 for int8 layers"),
-                                            (Cpu("AVX2", False), "int16")])
-def test_auto_activations_per_layer_kind(tiny_quantized, monkeypatch, cpu, described):
-    """--quant_activations auto on an int4 checkpoint (its output layer int8): each layer takes its kind's rounding
-    (Cpu.activations), and layers.activations describes the mix, which prefix caches fingerprint."""
+@pytest.mark.parametrize("cpu, auto", [(Cpu("AVX512", True, True), "int8"), (Cpu("AVX2", False), "int16")])
+def test_auto_activations_per_checkpoint_kind(tiny_quantized, monkeypatch, cpu, auto):
+    """--quant_activations auto takes the checkpoint's kind (Cpu.activations): an int4 checkpoint's layers, its int8
+    output layer too, all round alike; an int8 checkpoint's take the int8 rule. layers.activations describes it (and a
+    mix of kinds, which prefix caches fingerprint)."""
     monkeypatch.setattr(kernels, "this_cpu", lambda: cpu)
     model = load_model(tiny_quantized["int4"], "cpu", "fp32")
-    assert layers.activations(model) == described
+    assert layers.activations(model) == auto
     attention = model.layers[0].attention
-    assert model.output.op == "int8_linear"
+    assert model.output.op == ("int8_linear_q8" if cpu.vnni else "int8_linear")
     assert {attention.wqkv.op, attention.wo.op} == {"int4_linear_q8" if cpu.vnni else "int4_linear"}
+    assert layers.activations(load_model(tiny_quantized["int8"], "cpu", "fp32")) == "int16"
+    model.output.op = "int8_linear"
+    assert layers.activations(model) == ("int8 for int4 layers, int16 for int8 layers" if cpu.vnni else "int16")
 
 
 def test_a_forced_cpu_changes_the_rules_not_what_is_measured(monkeypatch):
@@ -330,8 +336,8 @@ def test_a_forced_cpu_changes_the_rules_not_what_is_measured(monkeypatch):
 @pytest.mark.parametrize("cpu, auto", [(Cpu("AVX2", False), "int16"), (Cpu("AVX512", True, False), "int16"),
                                        (Cpu("AVX512", True, True), "int8"), (Cpu("DEFAULT", False, True), "int16")])
 def test_activations_rule_per_cpu(cpu, auto):
-    """--quant_activations auto is int8 for int4 layers where the CPU has AVX-512 VNNI, int16 elsewhere and for int8
-    layers; int16 / int8 asked for are kept for both kinds; any other value is one clear error."""
+    """--quant_activations auto is int8 for int4 checkpoints where the CPU has AVX-512 VNNI, int16 elsewhere and for
+    int8 checkpoints; int16 / int8 asked for are kept for both kinds; any other value is one clear error."""
     assert cpu.activations("auto", "int4") == auto and cpu.activations("auto", "int8") == "int16"
     for kind in ("int8", "int4"):
         assert cpu.activations("int16", kind) == "int16" and cpu.activations("int8", kind) == "int8"
@@ -591,47 +597,61 @@ def test_fused_glu_steps_aside_for_hooks_on_w1_and_w3(tiny_llama, tiny_quantized
 
 
 @needs_avx2
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("B, H, KV, S, D", [(1, 9, 3, 40, 64), (3, 4, 4, 33, 128), (2, 14, 2, 17, 96), (2, 2, 1, 9, 40),
                                             (1, 9, 3, 300, 64), (3, 6, 2, 200, 64)])
 def test_decode_attention_kernel_matches_reference(dtype, B, H, KV, S, D):
     """One query position over a KV cache: the C++ kernel against model.decode_attention in float32, for
     causal prefixes of different lengths per row, a sliding-window hole, left padding and a shared mask; long caches
-    are split into chunks of positions (merged exactly), also when a row has fewer visible positions than chunks. Over
-    a whole cache of more rows, each query row reading the row `rows` names, the result is the same, bit for bit."""
-    import model
-
+    are split into chunks of positions (merged exactly), also when a row has fewer visible positions than chunks. The
+    cache is float32, bf16, fp16 (q in that dtype) or int8 with scales per block (model.KVCache's, float32 q: the
+    reference reads the cache dequantized). Over a whole cache of more rows, each query row reading the row `rows`
+    names, the result is the same, bit for bit."""
     assert kernels.cpu_kernels()
     torch.manual_seed(S * D + B)
-    q = (torch.randn(B, H, 1, D) * 3).to(dtype)  # * 3: peaked softmaxes, exp of large negative scores
-    k, v = torch.randn(B, KV, S, D).to(dtype), torch.randn(B, KV, S, D).to(dtype)
+    q_dtype = torch.float32 if dtype == torch.int8 else dtype
+    q = (torch.randn(B, H, D) * 3).to(q_dtype)  # * 3: peaked softmaxes, exp of large negative scores
+    block = model.KV_BLOCK if D % model.KV_BLOCK == 0 else D
+
+    def cache(rows):  # a cache of `rows` rows as KVCache stores it, and as attention reads it (float32)
+        k, v = torch.randn(rows, KV, S, D), torch.randn(rows, KV, S, D)
+        if dtype != torch.int8:
+            k, v = k.to(dtype), v.to(dtype)
+            return [k, v], (k.float(), v.float())
+        (kq, ks), (vq, vs) = model.quantize_kv(k, block), model.quantize_kv(v, block)
+        read = (model.dequantize_kv(kq, ks, torch.float32), model.dequantize_kv(vq, vs, torch.float32))
+        return [kq, ks, vq, vs], read
+
+    op = torch.ops.fastllama.decode_attention_q8 if dtype == torch.int8 else torch.ops.fastllama.decode_attention
+    stored, (k, v) = cache(B)
     pos = torch.arange(S)
     masks = [pos <= S - 1 - torch.arange(B)[:, None],  # row b sees S - b positions
-             (pos > 2) & (pos <= S - 3) & (pos % 4 != 1),  # holes, broadcast over the batch
+             ((pos > 2) & (pos <= S - 3) & (pos % 4 != 1))[None],  # holes, broadcast over the batch
              pos[None, :] == torch.arange(B)[:, None],  # one visible position per row
              pos[None, :] < torch.tensor([S, 1, 2][:B])[:, None]]  # one long row, the others one or two positions
     for mask in masks:
-        mask4 = mask.view(-1, 1, 1, S)
-        ref = model.decode_attention(q.float(), k.float(), v.float(), mask4)
-        got = layers.cpu_decode_attention(q, k, v, mask4)
-        assert got.shape == q.shape and got.dtype == dtype
-        tol = 2e-6 if dtype == torch.float32 else 1e-2  # float32 arithmetic throughout; the result rounded to dtype
+        ref = model.decode_attention(q.float().view(B, H, 1, D), k, v, mask.view(-1, 1, 1, S)).view(B, H, D)
+        got = op(q, *stored, mask, torch.arange(B))
+        assert got.shape == q.shape and got.dtype == q_dtype
+        tol = 1e-2 if q_dtype != torch.float32 else 2e-6  # float32 arithmetic throughout; the result rounded to dtype
         torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
         rows = torch.randperm(B + 2)[:B]  # the same rows inside a cache of B + 2, in another order
-        whole_k, whole_v = torch.randn(B + 2, KV, S, D).to(dtype), torch.randn(B + 2, KV, S, D).to(dtype)
-        whole_k[rows], whole_v[rows] = k, v
-        assert torch.equal(layers.cpu_decode_attention(q, whole_k, whole_v, mask4, rows), got)
-        torch.testing.assert_close(model.decode_attention(q.float(), whole_k.float(), whole_v.float(), mask4, rows),
-                                   ref, rtol=0, atol=0)
+        whole, _ = cache(B + 2)
+        for w, part in zip(whole, stored):
+            w[rows] = part
+        assert torch.equal(op(q, *whole, mask, rows), got)
 
 
 @needs_avx2
-def test_model_decodes_with_the_attention_kernel_as_with_pytorch(tiny_llama):
-    """load_model gives CPU models the kernel; decode logits and greedy tokens equal the PyTorch attention's."""
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.int8])
+def test_model_decodes_with_the_attention_kernel_as_with_pytorch(tiny_llama, kv_dtype):
+    """load_model gives CPU models the kernel; decode logits and greedy tokens equal the PyTorch attention's, with
+    a float32, bf16 or int8 KV cache."""
     import model as M
 
     _, folder = tiny_llama
     model = load_model(folder, "cpu", "fp32")
+    model.kv_dtype = kv_dtype
     assert all(layer.attention.decode_attention is layers.cpu_decode_attention for layer in model.layers)
     idx = torch.tensor([[5, 80, 13, 200, 7, 9]])
 
@@ -639,13 +659,14 @@ def test_model_decodes_with_the_attention_kernel_as_with_pytorch(tiny_llama):
         for layer in model.layers:
             layer.attention.decode_attention = attend
         model.setup_caches(1, 40)
+        assert model.layers[0].attention.kv_cache.dtype == (kv_dtype or torch.float32)
         with torch.no_grad():
             logits = [model(idx, torch.arange(6))[:, -1]]
             for p in range(6, 18):
                 logits.append(model(logits[-1].argmax(-1, keepdim=True), torch.tensor([p]))[:, -1])
         return torch.stack(logits)
 
-    fast, ref = decode(layers.cpu_decode_attention), decode(M.decode_attention)
+    fast, ref = decode(layers.cpu_decode_attention), decode(M.attend_cache)
     assert torch.equal(fast.argmax(-1), ref.argmax(-1))
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
 

@@ -19,15 +19,15 @@ from checkpoint import Checkpoint
 def loaded_bytes(model) -> tuple[int, int]:
     """(weights, KV cache) bytes of a loaded model's own tensors, each storage once."""
     weights = sum(memory.weight_sizes(model).values())
-    kv = sum(b.attention.kv_cache.k_cache.nbytes + b.attention.kv_cache.v_cache.nbytes for b in model.layers)
+    kv = sum(t.nbytes for b in model.layers for t in b.attention.kv_cache.stored())
     return weights, kv
 
 
-def assert_exact(path, precision: str, rows: int = 3, context: int = 40) -> memory.Estimate:
+def assert_exact(path, precision: str, rows: int = 3, context: int = 40, kv_dtype: str = "auto") -> memory.Estimate:
     ckpt = Checkpoint.open(path)
-    model = gen.load_model(ckpt, "cpu", precision)
+    model = gen.load_model(ckpt, "cpu", precision, kv_dtype=kv_dtype)
     model.setup_caches(rows, context)
-    est = memory.Sizer.of(ckpt, precision, "cpu").at(rows, context)
+    est = memory.Sizer.of(ckpt, precision, "cpu", kv_dtype).at(rows, context)
     assert (est.weights_bytes, est.kv_cache_bytes) == loaded_bytes(model), (path, precision)
     assert est.read_per_token_bytes == memory.model_bytes_read_per_token(model)
     assert est.tables == {"rotary": model.freqs_cis.nbytes}  # the attention mask is computed per step, not stored
@@ -42,6 +42,9 @@ def test_tiny_model_bytes_are_exact_at_every_format(tiny_llama, tiny_quantized, 
     monkeypatch.setattr(kernels, "cpu_kernels", lambda: built)
     for precision in ("fp32", "bf16", "fp16"):
         assert_exact(tiny_llama[1], precision)
+    kv = {name: assert_exact(tiny_llama[1], "fp32", kv_dtype=name).kv_cache_bytes for name in ("fp32", "bf16", "int8")}
+    head_dim = 16  # the tiny model's: one scale (4 bytes) per head and position beside 16 int8 values
+    assert kv["bf16"] * 2 == kv["fp32"] and kv["int8"] * 4 == kv["fp32"] * (head_dim + 4) / head_dim
     for mode, path in tiny_quantized.items():
         est = assert_exact(path, "fp32")
         assert est.weights["feed_forward"] < est.params_per_part["feed_forward"] * (1.2 if mode == "int8" else 0.8)
@@ -71,15 +74,21 @@ def test_measured_peak_is_within_15_percent(smollm2_dir):
 
 
 def test_named_config_answers_offline(capsys):
-    code, out, err = run_in_process(capsys, memory, "meta-llama/Llama-2-70b-hf", "--precision", "int4", "--context",
-                                    4096, "--rows", 8, "--json", "--memory", "64GiB")
-    assert code == 0, err
-    r = json.loads(out)
+    def answer(kv_dtype):
+        code, out, err = run_in_process(capsys, memory, "meta-llama/Llama-2-70b-hf", "--precision", "int4",
+                                        "--context", 4096, "--rows", 8, "--json", "--memory", "64GiB", "--kv_dtype",
+                                        kv_dtype)
+        assert code == 0, err
+        return json.loads(out)
+
+    r, r8 = answer("fp32"), answer("int8")
     assert 68.5e9 < r["params"] < 69.5e9
     assert 0.56 < r["weights"]["feed_forward"] / r["params_per_part"]["feed_forward"] < 0.63
     kv = 80 * 2 * 8 * 128 * 4 * 8 * 4097  # layers x (k, v) x kv heads x head_dim x fp32 x rows x (context + scratch)
     assert r["kv_cache_bytes"] == kv and r["total_bytes"] >= r["weights_bytes"] + kv
-    sizer = memory.Sizer(memory.known_config("Llama-2-70b-hf"), "int4")
+    assert r8["kv_cache_bytes"] == kv // 4 * (128 + 4 * 4) // 128  # int8 values and a float32 scale per 32
+    assert r8["kv_dtype"] == "int8" and r8["largest_rows"] > r["largest_rows"]
+    sizer = memory.Sizer(memory.known_config("Llama-2-70b-hf"), "int4", kv_dtype="fp32")
     mem = memory.parse_size("64GiB")
     most = r["largest_rows"]
     assert memory.fits(sizer.at(most, 4096), mem) and not memory.fits(sizer.at(most + 1, 4096), mem)

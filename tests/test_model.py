@@ -3,8 +3,20 @@ import pytest
 import torch
 from convert_hf_checkpoint import hf_to_interleaved
 
+import kernels
+from checkpoint import Quantization, resolve_kv_dtype
 from generate import logits_to_probs, sample
-from model import ModelArgs, apply_rope_scaling, apply_rotary_emb, precompute_freqs_cis, rms_norm
+from kernels import Cpu
+from model import (
+    KVCache,
+    ModelArgs,
+    apply_rope_scaling,
+    apply_rotary_emb,
+    dequantize_kv,
+    precompute_freqs_cis,
+    quantize_kv,
+    rms_norm,
+)
 
 
 def test_rotary_matches_rotate_half_after_permute():
@@ -37,6 +49,42 @@ def test_llama31_rope_scaling_matches_transformers():
     got = apply_rope_scaling(freqs, **scaling)
     torch.testing.assert_close(got, expected.float())
     assert not torch.equal(got, freqs)  # the scaling did something
+
+
+def test_int8_kv_blocks_round_each_vector_alone():
+    """quantize_kv: a scale per block (max |x| / 127), values within half a step of it, a zero block exact, each
+    vector's bits the same whatever else is quantized with it; KVCache stores it and reads it back dequantized."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, 64) * torch.tensor([1e-3, 1.0, 50.0])[:, None, None, None]
+    x[0, 0, 0, 32:] = 0
+    q, s = quantize_kv(x, 32)
+    assert q.dtype == torch.int8 and s.shape == (3, 2, 5, 2) and q.abs().max() == 127
+    back = dequantize_kv(q, s, torch.float32)
+    assert ((back - x).abs() <= s.repeat_interleave(32, -1) / 2 * (1 + 1e-6)).all()
+    assert torch.equal(back[0, 0, 0, 32:], torch.zeros(32)) and s[0, 0, 0, 1] == 0
+    q1, s1 = quantize_kv(x[1:2, :, 3:4], 32)
+    assert torch.equal(q1, q[1:2, :, 3:4]) and torch.equal(s1, s[1:2, :, 3:4])
+    cache = KVCache(2, 8, 2, 64, torch.int8, compute_dtype=torch.float32)
+    k = x[:1].transpose(1, 2)[:, :3].transpose(1, 2)  # (1, 2, 3, 64): positions 0..2 of row 0 of x
+    cache.update(torch.arange(3), k, k, row=1)
+    got_k, got_v = cache.rows(1, 1, 3)
+    assert torch.equal(got_k, dequantize_kv(*quantize_kv(k, 32), torch.float32)) and torch.equal(got_k, got_v)
+    assert sum(t.nbytes for t in cache.stored()) == 2 * (2 * 2 * 8 * 64 + 2 * 2 * 8 * 2 * 4)
+
+
+@pytest.mark.parametrize("cpu, quantized", [(Cpu("AVX2", False), "int8"), (Cpu("AVX512", True, True), "int8"),
+                                            (Cpu("DEFAULT", False), "fp32")])
+def test_kv_dtype_auto_rule(monkeypatch, cpu, quantized):
+    """--kv_dtype auto: int8 for quantized checkpoints on a CPU whose kernels read it (AVX2), else the activations'
+    dtype: float checkpoints and CUDA keep the exact cache. A value asked for is kept; another is one clear error."""
+    monkeypatch.setattr(kernels, "this_cpu", lambda: cpu)
+    q, cpu_dev = Quantization("int4", groupsize=32), torch.device("cpu")
+    assert resolve_kv_dtype("auto", "fp32", q, cpu_dev) == quantized
+    assert resolve_kv_dtype("auto", "bf16", None, cpu_dev) == "bf16"
+    assert resolve_kv_dtype("auto", "bf16", q, torch.device("cuda")) == "bf16"
+    assert resolve_kv_dtype("bf16", "fp32", q, cpu_dev) == "bf16"
+    with pytest.raises(ValueError, match="unknown --kv_dtype 'q4'; choose from auto, bf16, fp16, fp32, int8"):
+        resolve_kv_dtype("q4", "fp32", q, cpu_dev)
 
 
 def test_rms_norm():

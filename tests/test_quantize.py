@@ -128,8 +128,9 @@ def test_quantized_model_matches_dequantized_twin(quantized, tmp_path):
     ckpt = Checkpoint.open(path)
     twin = qz.dequantize_state_dict(ckpt.state_dict(), ckpt.quantization)
     save_checkpoint(tmp_path, twin, ckpt.args, Format("float32", "test"))
-    # the exact mode (int16 activations): the float twin's arithmetic to ~1e-5
-    q_model, f_model = load_model(path, "cpu", "fp32", quant_activations="int16"), load_model(tmp_path, "cpu", "fp32")
+    # the exact mode (int16 activations, float32 KV cache): the float twin's arithmetic to ~1e-5
+    q_model = load_model(path, "cpu", "fp32", quant_activations="int16", kv_dtype="fp32")
+    f_model = load_model(tmp_path, "cpu", "fp32")
     assert_same_model(q_model, f_model, torch.tensor([[5, 80, 13, 200, 7, 9, 301, 44]]), new_tokens=24, tol=1e-4)
 
 
