@@ -62,7 +62,7 @@ def load(path: Path, fp: dict) -> dict:
                       ("kv_dtype", "--kv_dtype"), ("activations", "--quant_activations")):
         if data["fingerprint"].get(key) != fp[key]:
             raise ValueError(f"{path} was made with a different {what} ({str(data['fingerprint'].get(key))[:16]} vs "
-                             f"{fp[key][:16]}); make it again with this model and precision")
+                             f"{fp[key][:16]}); make it again with this model and these flags")
     return data
 
 

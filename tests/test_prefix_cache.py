@@ -66,6 +66,16 @@ def test_prefix_cache_refuses_another_model_tokenizer_or_precision(tiny_llama, t
         prefix_cache.load(path, prefix_cache.fingerprint(int8, load_model(int8, "cpu", "fp32")))
     with pytest.raises(ValueError, match="different precision"):
         prefix_cache.load(path, prefix_cache.fingerprint(ckpt, load_model(folder, "cpu", "bf16")))
+    kv8 = load_model(folder, "cpu", "fp32", kv_dtype="int8")
+    with pytest.raises(ValueError, match="different --kv_dtype"):
+        prefix_cache.load(path, prefix_cache.fingerprint(ckpt, kv8))
+    ids = prefill_prefix(kv8, tok)  # an int8 cache's file keeps its scales: restored, the cache holds the same bits
+    prefix_cache.save(tmp_path / "kv8.pt", kv8, ids, PREFIX, prefix_cache.fingerprint(ckpt, kv8))
+    saved = [t.clone() for t in kv8.layers[0].attention.kv_cache.read(0, len(ids))]
+    kv8.setup_caches(2, kv8.max_seq_length + 1)  # a new, empty cache
+    assert prefix_cache.restore(kv8, prefix_cache.load(tmp_path / "kv8.pt", prefix_cache.fingerprint(ckpt, kv8))) == ids
+    restored = kv8.layers[0].attention.kv_cache.read(0, len(ids))
+    assert len(saved) == 4 and all(torch.equal(a, b) for a, b in zip(saved, restored, strict=True))
     q16, q8 = (load_model(int8, "cpu", "fp32", quant_activations=a) for a in ("int16", "int8"))
     prefix_cache.save(tmp_path / "q16.pt", q16, prefill_prefix(q16, tok), PREFIX, prefix_cache.fingerprint(int8, q16))
     if kernels.cpu_kernels():  # int8 activations where the int8 layers run kernels.cpp: another cache's numbers
