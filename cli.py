@@ -27,8 +27,8 @@ def add_numerics_flags(p: argparse.ArgumentParser) -> None:
     and checkpoint.resolve_kv_dtype resolve them)."""
     p.add_argument("--quant_activations", choices=["auto", "int16", "int8"], default="auto",
                    help="how int8 / int4 layers round activations on the CPU: int16 (exact to ~1e-5), int8 "
-                        "(llama.cpp's Q8, faster; perplexity +0.2-0.6%%), auto: int8 for int4 layers where the CPU "
-                        "has AVX-512 VNNI")
+                        "(llama.cpp's Q8, faster; perplexity +0.2-0.6%%), auto: int8 for int4 checkpoints where the "
+                        "CPU has AVX-512 VNNI")
     p.add_argument("--kv_dtype", choices=list(KV_DTYPES), default="auto",
                    help="how the KV cache stores keys and values: fp32, bf16, fp16, or int8 with a scale per 32 "
                         "values (a quarter of fp32's memory, perplexity +0.1%%); auto: int8 for int8 / int4 "

@@ -115,7 +115,8 @@ def rows_alone(transformer: nn.Module) -> bool:
 def activations(transformer: nn.Module) -> str:
     """How the model's quantized layers on kernels.cpp round activations: "int8" where they run its int8-activation
     ops, "int16" where its int16 ones or none (every other path computes in float); where the int8 and the int4
-    layers differ (--quant_activations auto), each kind's, e.g. "int8 for int4 layers, int16 for int8 layers"."""
+    layers differ (prepare gives them one mode, a caller may set others), each kind's, e.g. "int8 for int4 layers,
+    int16 for int8 layers"."""
     modes: dict[str, set[str]] = {}
     for m in transformer.modules():
         if isinstance(m, (Int8Linear, Int4Linear)) and m.kernel == "cpp":  # the others compute in float
