@@ -520,13 +520,16 @@ Width width_of(int64_t width) {
   return {kPanel, &block<float>, &block<uint16_t>};
 }
 
-// The op's `width` argument: the GEMM's vector width in floats, 8 (AVX2) or 16 (AVX-512, where the CPU has it);
-// 0, the schema's default, is 8 (a default kernels.run never passes, as the tile's: kernels.OPS says why)
-inline int64_t check_width(int64_t width) {
+// The op's `width` argument: the vector width in floats (the GEMM's) or output rows (the int8-activation ops'), 8
+// (AVX2) or 16 (kernels_avx512.cpp: AVX-512 F, BW, DQ and VL, and VNNI for the int8-activation ops, where the CPU has
+// them); 0, the schema's default, is 8 (a default kernels.run never passes, as the tile's: kernels.OPS says why)
+inline int64_t check_width(int64_t width, bool vnni = false) {
   TORCH_CHECK(width == 0 || width == 8 || width == 16, "width must be 8 or 16");
   TORCH_CHECK(width != 16 || (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")),
-              "width 16 needs a CPU with AVX-512 F, BW, DQ and VL");
+                              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                              (!vnni || __builtin_cpu_supports("avx512vnni"))),
+              vnni ? "width 16 needs a CPU with AVX-512 F, BW, DQ, VL and VNNI"
+                   : "width 16 needs a CPU with AVX-512 F, BW, DQ and VL");
   return width == 0 ? 8 : width;
 }
 
@@ -718,15 +721,6 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return in_dtype(y, x.scalar_type());
 }
 
-// The int8-activation ops' `width`: 8 (AVX2) or 16 (AVX-512 with VNNI, where the CPU has it); 0 is 8
-inline int64_t check_q8_width(int64_t width) {
-  TORCH_CHECK(width == 0 || width == 8 || width == 16, "width must be 8 or 16");
-  TORCH_CHECK(width != 16 || (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")),
-              "width 16 needs a CPU with AVX-512 F, BW, VL and VNNI");
-  return width == 0 ? 8 : width;
-}
-
 // x rounded to int8 per block (quantize_x8) for every row: (M, K) int8, (M, K / 32) scales, (M, G) group sums
 struct Int8Input {
   std::vector<int8_t> q;
@@ -761,7 +755,7 @@ at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Te
   // One or two rows of x take width 8 whatever was asked: their weights come from memory, not cache, and one 8-row
   // group per work item streams them faster than two side by side (default model, Zen 5: int4 layers 2.04 against
   // 2.38 ms a step at one row, 2.65 against 2.82 at two, 3.69 against 3.19 at four). The same bits either way.
-  tile = M > kGemvMaxRows ? 8 : check_tile(tile), width = check_q8_width(width);
+  tile = M > kGemvMaxRows ? 8 : check_tile(tile), width = check_width(width, true);
   if (M <= 2) width = 8;
   check_int4(x, w, dm);
   const at::Tensor xf = as_float(x);
@@ -783,7 +777,7 @@ at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Te
 at::Tensor int8_q8_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor* w3,
                         const at::Tensor* s3, int64_t tile, int64_t width) {
   const int64_t M = x.size(0), N = w1.size(0), K = w1.size(1), G = s1.size(1);
-  tile = M > kGemvMaxRows ? 8 : check_tile(tile), width = check_q8_width(width);
+  tile = M > kGemvMaxRows ? 8 : check_tile(tile), width = check_width(width, true);
   const at::Tensor xf = as_float(x);
   at::Tensor y = at::empty({M, N}, xf.options());
   const Int8Input& xin = quantize_input8(xf, 0);
