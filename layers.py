@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from model import Attention, FeedForward, KVCache
+from model import Attention, FeedForward, KVCache, cache_rows
 
 # ---- the checkpoints' quantized layouts (pure functions) ---------------------------------------------------
 
@@ -81,7 +81,7 @@ def cpu_decode_attention(q: Tensor, cache: KVCache, mask: Tensor, row: int | Ten
     """model.attend_cache (one query position) by kernels.cpp where it applies. It visits only the positions the mask
     lets through; inductor's code for the PyTorch form reads the whole static cache."""
     B, H, _, D = q.shape
-    rows = row if isinstance(row, Tensor) else torch.arange(row, row + B, device=q.device)
+    rows = cache_rows(row, B, q.device)
     mask = mask.reshape(-1, cache.k_cache.size(2))
     if cache.quantized:
         out = kernels.run("decode_attention_q8", q.view(B, H, D), cache.k_cache, cache.k_scales, cache.v_cache,

@@ -221,6 +221,11 @@ def dequantize_kv(q: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.unflatten(-1, (s.size(-1), -1)).float() * s[..., None]).flatten(-2).to(dtype)
 
 
+def cache_rows(row: int | Tensor, B: int, device: torch.device) -> Tensor:
+    """The KV cache rows (B,) of a batch: row..row+B-1, or the rows a tensor row (B,) names."""
+    return row if isinstance(row, Tensor) else torch.arange(row, row + B, device=device)
+
+
 class KVCache(nn.Module):
     """Keys and values of every row, kv head and position: k_cache and v_cache (R, n_kv, S, D) stored in `dtype`, or,
     for dtype torch.int8, int8 with a float32 scale per block of KV_BLOCK values in k_scales and v_scales
@@ -252,10 +257,9 @@ class KVCache(nn.Module):
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row: int | Tensor = 0) -> None:
         """Write k, v (B, n_kv, T, D) into cache rows row..row+B-1, or into the rows a tensor row (B,) names, at
         positions input_pos: (T,) for every row, or (B, T), each row its own."""
-        B = k.size(0)
         # written through the whole cache, never a slice of it: under torch.compile a write into a slice copies the
         # whole cache (all rows, every position) on every step
-        rows = (row if isinstance(row, Tensor) else torch.arange(row, row + B, device=k.device))[:, None]
+        rows = cache_rows(row, k.size(0), k.device)[:, None]
         pos = input_pos if input_pos.dim() == 2 else input_pos[None]  # index (B, 1) x (B or 1, T): (B, T, n_kv, D)
         for x, cache, scales in ((k, self.k_cache, "k_scales"), (v, self.v_cache, "v_scales")):
             x = x.transpose(1, 2)  # (B, T, n_kv, D)
