@@ -38,7 +38,7 @@ import layers
 import memory_bench
 import serve_bench
 from bench_files import LLAMA_CPP_TYPES, QUANTIZED, ROOT, activations_of, checkpoint_for, llama_cpp_gguf, save_json
-from checkpoint import PRECISIONS, Checkpoint
+from checkpoint import PRECISIONS, Checkpoint, kv_dtype_name
 from cli import add_numerics_flags, run_cli
 from generate import (
     DEFAULT_CHECKPOINT,
@@ -112,7 +112,7 @@ def bench_fastllama(checkpoint, device, precision, ids, n_new, batch_sizes, comp
 
     return Runner(make_run, (1, *batch_sizes), lambda: {
         "weights_file": ckpt.weights.name, "activations": activations,
-        "kv_dtype": str(model.kv_dtype or model.dtype).removeprefix("torch."),
+        "kv_dtype": kv_dtype_name(model),
         "quant_activations": layers.activations(model),
         "weights_gb": model_bytes_read_per_token(model) / 1e9,
         "peak_memory_gb": peak_memory_bytes(device) / 1e9})

@@ -97,6 +97,11 @@ def resolve_kv_dtype(kv_dtype: str, precision: str, quantization: Quantization |
     return "int8" if quantization is not None and device.type == "cpu" and kernels.this_cpu().avx2 else precision
 
 
+def kv_dtype_name(model: Transformer) -> str:
+    """The KV_DTYPES name of how a model's KV cache stores keys and values (its activations' dtype unless set)."""
+    return next(k for k, v in KV_DTYPES.items() if v == (model.kv_dtype or model.dtype))
+
+
 def config_path(weights: Path) -> Path:
     """The config file of a weights file: model.pth -> model_config.json."""
     return weights.with_name(f"{weights.stem}_config.json")

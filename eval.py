@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import files
-from checkpoint import PRECISIONS, Checkpoint, resolve_kv_dtype, resolve_precision
+from checkpoint import PRECISIONS, Checkpoint, kv_dtype_name, resolve_precision
 from cli import add_numerics_flags, run_cli
 from files import BadFile, first_line
 from generate import (
@@ -247,7 +247,6 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | 
     ckpt, dev = Checkpoint.open(checkpoint_path), resolve_device(device)
     precision = resolve_precision(precision, ckpt.quantization, dev)
     model = load_model(ckpt, dev, precision, quant_activations=quant_activations, kv_dtype=kv_dtype)
-    kv_name = resolve_kv_dtype(kv_dtype, precision, ckpt.quantization, dev)
     tokenizer = get_tokenizer(ckpt.folder)
     seq = max_seq_length or min(model.config.block_size, 1024 if perplexity_file else 2048)
     out = {}
@@ -255,7 +254,7 @@ def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, perplexity_file: Path | 
         ids = tokenizer.encode(files.read_text(perplexity_file, "perplexity text"))
         ppl, n = perplexity(model, ids, seq, stride or seq // 2)
         print(f"perplexity {ppl:.4f} over {n} tokens of {perplexity_file} ({checkpoint_path}, {precision}, "
-              f"{kv_name} KV cache, window {seq}, stride {stride or seq // 2})")
+              f"{kv_dtype_name(model)} KV cache, window {seq}, stride {stride or seq // 2})")
         out["perplexity"] = ppl
     if tasks:
         try:

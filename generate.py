@@ -25,7 +25,7 @@ import layers
 import prefix_cache
 import speculative
 import tp
-from checkpoint import KV_DTYPES, PRECISIONS, Checkpoint, resolve_kv_dtype, resolve_precision
+from checkpoint import KV_DTYPES, PRECISIONS, Checkpoint, kv_dtype_name, resolve_kv_dtype, resolve_precision
 from memory import Sizer, available_bytes, check_fits, model_bytes_read_per_token, peak_memory_bytes
 from model import Transformer, fit_context
 from tokenizer import get_tokenizer, tokenizer_fingerprint
@@ -361,7 +361,7 @@ def main(*, prompt: str | list[str] | None = None, interactive: bool = False, nu
     tokenizer = get_tokenizer(ckpt.folder)
     rank, world_size = tp.world()
     tp.log(f"loaded {ckpt.weights} ({ckpt.format.describe()}; {precision} on {dev}, "
-           f"{resolve_kv_dtype(kv_dtype, precision, ckpt.quantization, dev)} KV cache"
+           f"{kv_dtype_name(model)} KV cache"
            f"{f', rank {rank} of {world_size}' if world_size > 1 else ''}) in {time.perf_counter() - t0:.2f} s")
     draft = load_draft(draft_checkpoint_path, ckpt, model, dev, precision) if draft_checkpoint_path else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 import layers
 import protocol as api
 import tp
-from checkpoint import PRECISIONS, Checkpoint, resolve_kv_dtype, resolve_precision
+from checkpoint import PRECISIONS, Checkpoint, kv_dtype_name, resolve_precision
 from cli import add_numerics_flags, run_cli
 from engine import Engine, Metrics, Output, QueueFull, Sampling
 from engine import Request as EngineRequest
@@ -436,10 +436,10 @@ def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: in
         tp.log(f"note: with more than {GEMV_MAX_ROWS} rows the decode step is a GEMM, not each row's GEMV: a "
                "request's tokens may then depend on what else is in the batch")
     kv = sum(t.nbytes for b in model.layers for t in b.attention.kv_cache.stored())
-    name, kv_name = name or ckpt.folder.name, resolve_kv_dtype(kv_dtype, precision, ckpt.quantization, device)
+    name = name or ckpt.folder.name
     quantized = f", {layers.activations(model)} activations" if ckpt.quantization is not None else ""
     tp.log(f"serving {name} ({ckpt.format.describe()}; {precision} on {device}{quantized}) with {rows} rows x "
-           f"{context} positions ({kv_name} KV cache, {kv / 1e9:.2f} GB) at {url}/v1")
+           f"{context} positions ({kv_dtype_name(model)} KV cache, {kv / 1e9:.2f} GB) at {url}/v1")
     return Served(engine, tokenizer, name)
 
 

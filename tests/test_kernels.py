@@ -13,6 +13,7 @@ import kernels
 import layers
 import model
 import quantize as qz
+from checkpoint import kv_dtype_name
 from generate import compile_step, decode_one_token, generate, load_model
 from kernels import Cpu
 
@@ -652,6 +653,7 @@ def test_model_decodes_with_the_attention_kernel_as_with_pytorch(tiny_llama, kv_
     _, folder = tiny_llama
     model = load_model(folder, "cpu", "fp32")
     model.kv_dtype = kv_dtype
+    assert kv_dtype_name(model) == {None: "fp32", torch.bfloat16: "bf16", torch.int8: "int8"}[kv_dtype]
     assert all(layer.attention.decode_attention is layers.cpu_decode_attention for layer in model.layers)
     idx = torch.tensor([[5, 80, 13, 200, 7, 9]])
 
