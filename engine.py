@@ -29,6 +29,8 @@ from layers import rows_alone
 from model import Transformer
 from tokenizer import Detokenizer, Tokenizer
 
+PREFILL_BUDGET = 2048  # prompt tokens per iteration, as llama-server's --batch-size: docs/features.md says why
+
 
 class QueueFull(Exception):
     """The engine holds as many requests as its rows and queue allow."""
@@ -139,12 +141,12 @@ class Metrics:
 class Engine:
     """Continuous batching over `rows` rows of `context` positions (see the module docstring). decode_step is
     generate.decode_rows or its compiled form (generate.compile_decode_rows); chunk is the prefill piece size;
-    prefill_budget the prompt tokens computed per iteration (default 4 pieces); max_queue bounds the waiting line."""
+    prefill_budget the prompt tokens computed per iteration (at least one piece); max_queue bounds the waiting line."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, rows: int, context: int, chunk: int = 64,
-                 prefill_budget: int | None = None, decode_step: Callable = decode_rows, max_queue: int = 64):
+                 prefill_budget: int = PREFILL_BUDGET, decode_step: Callable = decode_rows, max_queue: int = 64):
         self.model, self.tokenizer, self.rows, self.context, self.chunk = model, tokenizer, rows, context, chunk
-        self.budget = prefill_budget or 4 * chunk
+        self.budget = prefill_budget
         self.decode_step, self.max_queue = decode_step, max_queue
         model.setup_caches(rows, context)
         # the fewest rows a decode step computes: any count where each row is computed by itself (layers.rows_alone);

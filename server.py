@@ -32,7 +32,7 @@ import protocol as api
 import tp
 from checkpoint import PRECISIONS, Checkpoint, kv_dtype_name, resolve_precision
 from cli import add_numerics_flags, run_cli
-from engine import Engine, Metrics, Output, QueueFull, Sampling
+from engine import PREFILL_BUDGET, Engine, Metrics, Output, QueueFull, Sampling
 from engine import Request as EngineRequest
 from generate import (
     DEFAULT_CHECKPOINT,
@@ -444,17 +444,16 @@ def load_served(ckpt: Checkpoint, device: torch.device, precision: str, rows: in
 
 
 def main(*, checkpoint_path: Path = DEFAULT_CHECKPOINT, host: str = "127.0.0.1", port: int = 8000, rows: int = 8,
-         context: int | None = None, chunk: int = 64, prefill_budget: int | None = None, max_queue: int = 64,
+         context: int | None = None, chunk: int = 64, prefill_budget: int = PREFILL_BUDGET, max_queue: int = 64,
          compile: bool = False, device: str | None = None, precision: str = "auto",
          model_name: str | None = None, quant_activations: str = "auto", kv_dtype: str = "auto") -> None:
     """Serve the checkpoint over HTTP until interrupted (Ctrl-C) or terminated (SIGTERM).
 
     The HTTP server runs in a thread and the engine in the main thread: OpenMP's parallel regions, which every kernel
     of a step opens, cost several times more when started from any other thread (docs/features.md)."""
-    prefill_budget = prefill_budget or 4 * chunk
-    if min(rows, chunk, max_queue + 1, port) < 1 or (context is not None and context < 2) or prefill_budget < chunk:
-        raise ValueError("--rows, --chunk and --port must be at least 1, --max_queue at least 0, --context at least 2, "
-                         "--prefill_budget at least --chunk")
+    if min(rows, chunk, prefill_budget, max_queue + 1, port) < 1 or (context is not None and context < 2):
+        raise ValueError("--rows, --chunk, --prefill_budget and --port must be at least 1, --max_queue at least 0, "
+                         "--context at least 2")
     ckpt = Checkpoint.open(checkpoint_path)  # a missing checkpoint is one line before the server starts
     dev, url = resolve_device(device), f"http://{host}:{port}"
     # rows x context from memory.py: the context given, else the model's (at most 4096) cut to what fits; one line
@@ -489,9 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"positions per row (default: the model's, at most {DEFAULT_CONTEXT}, less if the memory asks)")
     p.add_argument("--chunk", type=int, default=64,
                    help="prompt pieces: prompts are prefilled in pieces cut at multiples of this, and reused by them")
-    p.add_argument("--prefill_budget", type=int, default=None,
-                   help="most prompt tokens computed per engine iteration, the most a decode step waits for "
-                        "(default: 4 x --chunk)")
+    p.add_argument("--prefill_budget", type=int, default=PREFILL_BUDGET,
+                   help="most prompt tokens computed per engine iteration (at least one piece), the most a decode "
+                        "step waits for; smaller: shorter but more frequent waits, later first tokens")
     p.add_argument("--max_queue", type=int, default=64, help="requests that may wait for a row; more get 503")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (at startup)")
     p.add_argument("--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")

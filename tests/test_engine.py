@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import kernels
 import layers
 from checkpoint import Checkpoint
-from engine import Engine, QueueFull, Request, Sampling, StopText
+from engine import PREFILL_BUDGET, Engine, QueueFull, Request, Sampling, StopText
 from generate import (
     compile_decode_rows,
     compile_step,
@@ -109,13 +109,16 @@ PREFIXES = [[], list(range(3, 3 + 40)), list(range(100, 100 + 70))]  # shared be
 
 @st.composite
 def workloads(draw):
+    """(prefill budget, [(arrival step, prompt, tokens to generate)]): one piece per iteration, a few, or every
+    waiting prompt whole (the default)."""
+    budget = draw(st.sampled_from([CHUNK, 3 * CHUNK, PREFILL_BUDGET]))
     n = draw(st.integers(2, 8))
     out = []
     for _ in range(n):
         prefix = draw(st.sampled_from(PREFIXES))
         tail = draw(st.lists(st.integers(3, 500), min_size=1, max_size=30))
         out.append((draw(st.integers(0, 40)), prefix + tail, draw(st.integers(1, 12))))
-    return out
+    return budget, out
 
 
 @pytest.fixture
@@ -165,8 +168,10 @@ def test_batching_is_exact(request, reset_dynamo, logits_seen, compiled, kind):
     @settings(max_examples=15 if compiled else 40, deadline=None, suppress_health_check=list(HealthCheck),
               derandomize=True)
     @given(workloads())
-    def check(work):
-        engine = Engine(model, tok, rows=ROWS, context=CONTEXT, chunk=CHUNK, decode_step=step, max_queue=16)
+    def check(budget_and_work):
+        budget, work = budget_and_work
+        engine = Engine(model, tok, rows=ROWS, context=CONTEXT, chunk=CHUNK, prefill_budget=budget, decode_step=step,
+                        max_queue=16)
         reqs = []
         for arrival, prompt, n in work:
             outs = []
