@@ -67,19 +67,22 @@ class Cpu:
         arithmetic: with it, MKL's bf16 GEMM beats widening the weight to float32 (docs/kernels.md has the figures)."""
         return weight != torch.bfloat16 or not self.half_arithmetic
 
-    def activations(self, requested: str, kind: str = "int4") -> str:
-        """How the quantized layers on kernels.cpp of a checkpoint of this kind ("int8" or "int4" weights; an int4
-        one's output layer is int8) round their activations: "int16" (per block of 32, ~1e-5 of the float result: the
-        exact mode) or "int8" (per block of 32, llama.cpp's Q8 activations: perplexity +0.2% to +0.6% on the default
-        model, docs/kernels.md). "auto" is int8 for int4 checkpoints where the CPU has AVX-512 VNNI (vpdpbusd: 1.7x
-        less time in the int4 layers at 8 rows of the default model, no slower at 1; its int8 output layer too: +10%
-        at 16 rows), int16 elsewhere: int8 checkpoints stream twice the bytes and gain 10-20% at 8 rows but lose as
-        much at 1, and AVX2's int8 kernels are slower than the exact ones."""
+    def activations(self, requested: str, kind: str = "int4", layer: str | None = None) -> str:
+        """How a quantized layer on kernels.cpp ("int8" or "int4" weights; default: the checkpoint's kind) of a
+        checkpoint of this kind (an int4 one's output layer is int8) rounds its activations: "int16" (per block of 32,
+        ~1e-5 of the float result: the exact mode) or "int8" (per block of 32, llama.cpp's Q8 activations: perplexity
+        +0.2% to +0.6% on the default model, docs/kernels.md). "auto": int8 for int4 layers (1.4-1.7x less time at
+        4-64 rows on AVX2, 1.7x at 8 rows with AVX-512 VNNI, none lost at 1 row); for int8 layers only where the CPU
+        has AVX-512 VNNI (vpdpbusd) and the checkpoint is int4 (its output layer: +10% at 16 rows). An int8
+        checkpoint streams twice the bytes and gains 10-20% at 8 rows but loses as much at 1, and AVX2's int8 x int8
+        products take longer than its int16 ones (the output layer at 8 rows: 4.3 against 2.4 ms)."""
         if requested not in ACTIVATIONS:
             raise ValueError(f"unknown --quant_activations {requested!r}; use one of {', '.join(ACTIVATIONS)}")
-        if requested == "auto":
-            return "int8" if self.avx512_vnni and kind == "int4" else "int16"
-        return requested
+        if requested != "auto":
+            return requested
+        if (layer or kind) == "int4":
+            return "int8"
+        return "int8" if self.avx512_vnni and kind == "int4" else "int16"
 
 
 ACTIVATIONS = ("auto", "int16", "int8")  # Cpu.activations' choices

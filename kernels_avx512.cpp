@@ -21,9 +21,9 @@ void block(const float* x, int64_t K, int64_t rows, const float* p, uint16_t* y,
 
 int panel() { return kPanel; }
 
-void int4_q8(int64_t tile, int64_t M, const int8_t* x8, const float* xd, const float* xs, int64_t K, const uint8_t* w,
-             const uint16_t* dm, int64_t G, float* y, int64_t N) {
-  ::int4_q8_block(tile, M, x8, xd, xs, K, w, dm, G, y, N);
+void int4_q8(int64_t tile, int64_t cols, int64_t M, const int8_t* x8, const float* xd, const float* xs, int64_t K,
+             const uint8_t* w, const uint16_t* dm, int64_t G, float* y, int64_t N) {
+  ::int4_q8_block(tile, cols, M, x8, xd, xs, K, w, dm, G, y, N);
 }
 
 void int8_q8(int64_t tile, int64_t M, const int8_t* x8, const uint8_t* u8, const float* xd, int64_t K, const int8_t* w1,

@@ -5,9 +5,9 @@
 // lane in the same order at either width. So the two instances give the same bits, and the AVX2 one, which every x86-64
 // test machine runs, tests the source of both.
 //
-//   IVec::dot(acc, u, s): acc + the sum of four products u8 x s8 in each int32 lane. AVX-512 VNNI's vpdpbusd does it in
-//   one instruction; AVX2 in two (vpmaddubsw into int16 pairs, exact here: a 4-bit weight times an int8 activation, two
-//   at a time, stays below 2^15; vpmaddwd by ones adds the pairs into int32).
+//   IVec::pairs(acc, u, s) then IVec::widen(acc): the sums of four products u8 x s8 per int32 lane over a block. AVX-512
+//   VNNI's vpdpbusd adds each four into int32 in one instruction (widen does nothing); AVX2's vpmaddubsw adds them two
+//   by two into int16 lanes (exact over a block of int4 weights), and widen's vpmaddwd by ones sums the pairs once.
 // Included after kernels_vec.h, into the same kind of anonymous namespace.
 #include <immintrin.h>
 
@@ -23,7 +23,11 @@ struct IVec {  // AVX-512 F / BW / VNNI: 16 int32 lanes, two groups of 8 rows
   static T set1(int32_t v) { return _mm512_set1_epi32(v); }
   static T low_nibbles(T v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
   static T high_nibbles(T v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
-  static T dot(T acc, T u, T s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  static T pairs(T acc, T u, T s) { return _mm512_dpbusd_epi32(acc, u, s); }  // int32 sums already
+  static T widen(T acc) { return acc; }
+  // An empty asm that says it changes v: the sum so far must be in a register here, so GCC cannot regroup a tile's
+  // integer sums (associative) into a tree that parks every product on the stack
+  static void keep(T& v) { asm("" : "+v"(v)); }
   static T sub(T a, T b) { return _mm512_sub_epi32(a, b); }
   static V to_float(T v) { return _mm512_cvtepi32_ps(v); }
   // 32 bytes of each of the vector's two row groups: the group at p and the one `stride` bytes after it
@@ -58,9 +62,13 @@ struct IVec {  // AVX2: 8 int32 lanes, one group of 8 rows
   static T set1(int32_t v) { return _mm256_set1_epi32(v); }
   static T low_nibbles(T v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
   static T high_nibbles(T v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
-  static T dot(T acc, T u, T s) {  // u's bytes at most 15 (int4 weights): each int16 pair sum is exact
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-  }
+  // int16 sums of pairs: u's bytes at most 15 (int4 weights), s's at most 127 in magnitude (quantize_x8), so a
+  // block's eight vpmaddubsw per lane sum to at most 8 x 2 x 15 x 127 = 30480 < 2^15, exactly
+  static T pairs(T acc, T u, T s) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)); }
+  static T widen(T acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }  // the int16 pairs summed into int32
+  // An empty asm that says it changes v: the sum so far must be in a register here, so GCC cannot regroup a tile's
+  // integer sums (associative) into a tree that parks every product on the stack
+  static void keep(T& v) { asm("" : "+v"(v)); }
   static T sub(T a, T b) { return _mm256_sub_epi32(a, b); }
   static V to_float(T v) { return _mm256_cvtepi32_ps(v); }
   static T load_groups(const uint8_t* p, int64_t) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -86,56 +94,77 @@ struct IVec {  // AVX2: 8 int32 lanes, one group of 8 rows
 
 constexpr int kQ8Rows = Vec::N;  // output rows per vector: 8 or 16
 
-// kQ8Rows output rows (row groups at w, w + 4 K, ...: the int4 layout, kernels.py's int4_to_kernel) for R rows of x:
-// y[r][n] = sum over blocks b of xd[b] d[n] (q[n] . x8[r] over b) + m[n] xs[r][group], llama.cpp's Q4_1 x Q8_1 dot.
-// Per block and row group: 4 vectors of 32 bytes; in vector p, int32 lane n holds row n's inputs 4 p + j (low
-// nibbles, x's quad p) and 4 p + 16 + j (high nibbles, quad p + 4). The nibbles are unpacked once for R rows of x, and
-// each product is one dot per 4 inputs; a row of x gets the same operations whatever R is.
+// R rows of x against C vectors of kQ8Rows output rows each (row groups at w, w + 4 K, ...: the int4 layout,
+// kernels.py's int4_to_kernel; vector c's first group at w + c kQ8Rows / 2 K): y[r][n] = sum over groups of m[n]
+// xs[r][group] + sum over its blocks b of xd[b] d[n] (q[n] . x8[r] over b), llama.cpp's Q4_1 x Q8_1 dot. Per block
+// and row group: 4 vectors of 32 bytes; in vector p, int32 lane n holds row n's inputs 4 p + j (low nibbles, x's
+// quad p) and 4 p + 16 + j (high nibbles, quad p + 4). Each weight vector is unpacked once for R rows of x, each
+// broadcast quad of x used for C weight vectors; a block's eight products per lane are summed exactly (IVec::pairs,
+// IVec::widen), then scaled in float32. A row of x gets the same operations in the same order whatever R and C are.
 // x8 / xd / xs / y: row r at x8 + r K (int8), xd + r K / 32, xs + r G, y + r N. dm: the int4 layout's, from the
 // first group's (d, m).
-template <int R>
-void int4_q8_rows(const int8_t* x8, const float* xd, const float* xs, int64_t K, const uint8_t* w, const uint16_t* dm,
+template <int R, int C>
+void int4_q8_tile(const int8_t* x8, const float* xd, const float* xs, int64_t K, const uint8_t* w, const uint16_t* dm,
                   int64_t G, float* y, int64_t N) {
+  constexpr int64_t kGroups = kQ8Rows / 8;  // row groups of 8 per vector
   const int64_t bpg = K / 32 / G;
-  V acc[R], acc_m[R];
+  V acc[R][C];
   #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc[r] = acc_m[r] = Vec::zero();
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec::zero();
   for (int64_t gi = 0, b = 0; gi < G; ++gi) {
-    const V d = IVec::load_halves(dm + 8 * gi, 16 * G), m = IVec::load_halves(dm + 8 * (G + gi), 16 * G);
-    #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) acc_m[r] = Vec::fmadd(m, Vec::set1(xs[r * G + gi]), acc_m[r]);
-    for (const int64_t end = b + bpg; b < end; ++b) {
-      typename IVec::T t[R];
+    #pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const V m = IVec::load_halves(dm + c * kGroups * 16 * G + 8 * (G + gi), 16 * G);
       #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) t[r] = IVec::zero();
-      #pragma GCC unroll 4
-      for (int p = 0; p < 4; ++p) {
-        const typename IVec::T v = IVec::load_groups(w + 128 * b + 32 * p, 4 * K);
-        const typename IVec::T lo = IVec::low_nibbles(v), hi = IVec::high_nibbles(v);
-        #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-          const int32_t* xq = reinterpret_cast<const int32_t*>(x8 + r * K + 32 * b);
-          t[r] = IVec::dot(t[r], lo, IVec::set1(xq[p]));
-          t[r] = IVec::dot(t[r], hi, IVec::set1(xq[p + 4]));
-        }
-      }
+      for (int r = 0; r < R; ++r) acc[r][c] = Vec::fmadd(m, Vec::set1(xs[r * G + gi]), acc[r][c]);
+    }
+    for (const int64_t end = b + bpg; b < end; ++b) {
+      typename IVec::T t[R][C];
       #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
-        acc[r] = Vec::fmadd(IVec::to_float(t[r]), Vec::mul(d, Vec::set1(xd[r * K / 32 + b])), acc[r]);
+        #pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) t[r][c] = IVec::zero();
+      #pragma GCC unroll 8
+      for (int h = 0; h < 8; ++h) {  // quads 0-3: low nibbles of vectors 0-3; quads 4-7: their high nibbles
+        typename IVec::T q[C];
+        #pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) {
+          const typename IVec::T v = IVec::load_groups(w + c * kGroups * 4 * K + 128 * b + 32 * (h % 4), 4 * K);
+          q[c] = h < 4 ? IVec::low_nibbles(v) : IVec::high_nibbles(v);
+        }
+        #pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          const typename IVec::T xq = IVec::set1(reinterpret_cast<const int32_t*>(x8 + r * K + 32 * b)[h]);
+          #pragma GCC unroll 4
+          for (int c = 0; c < C; ++c) t[r][c] = IVec::pairs(t[r][c], q[c], xq), IVec::keep(t[r][c]);
+        }
+      }
+      #pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) {
+        const V d = IVec::load_halves(dm + c * kGroups * 16 * G + 8 * gi, 16 * G);
+        #pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+          acc[r][c] = Vec::fmadd(IVec::to_float(IVec::widen(t[r][c])), Vec::mul(d, Vec::set1(xd[r * K / 32 + b])),
+                                 acc[r][c]);
+      }
     }
   }
   #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) Vec::store(y + r * N, Vec::add(acc[r], acc_m[r]), Vec::N);
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) Vec::store(y + r * N + c * kQ8Rows, acc[r][c], Vec::N);
 }
 
-// The rows [0, M) of x in tiles of R (then one smaller tile) against kQ8Rows output rows starting at w
-template <int R>
+// The rows [0, M) of x in tiles of R (then one smaller tile) against C vectors of output rows starting at w
+template <int R, int C>
 void int4_q8_tiles(int64_t M, const int8_t* x8, const float* xd, const float* xs, int64_t K, const uint8_t* w,
                    const uint16_t* dm, int64_t G, float* y, int64_t N) {
   if constexpr (R > 0) {
     int64_t m = 0;
-    for (; m + R <= M; m += R) int4_q8_rows<R>(x8 + m * K, xd + m * K / 32, xs + m * G, K, w, dm, G, y + m * N, N);
-    if (m < M) int4_q8_tiles<R - 1>(M - m, x8 + m * K, xd + m * K / 32, xs + m * G, K, w, dm, G, y + m * N, N);
+    for (; m + R <= M; m += R) int4_q8_tile<R, C>(x8 + m * K, xd + m * K / 32, xs + m * G, K, w, dm, G, y + m * N, N);
+    if (m < M) int4_q8_tiles<R - 1, C>(M - m, x8 + m * K, xd + m * K / 32, xs + m * G, K, w, dm, G, y + m * N, N);
   }
 }
 
@@ -182,13 +211,20 @@ void int8_q8_rows(const int8_t* x8, const uint8_t* u8, const float* xd, int64_t 
   for (int r = 0; r < R; ++r) Vec::store(y + r * N, acc[r], Vec::N);
 }
 
-// The op's work item: rows [0, M) of x against kQ8Rows output rows at w, R = tile (1, 2 or 4) rows of x per pass
-void int4_q8_block(int64_t tile, int64_t M, const int8_t* x8, const float* xd, const float* xs, int64_t K,
-                   const uint8_t* w, const uint16_t* dm, int64_t G, float* y, int64_t N) {
-  if (tile == 8) int4_q8_tiles<8>(M, x8, xd, xs, K, w, dm, G, y, N);
-  else if (tile == 4) int4_q8_tiles<4>(M, x8, xd, xs, K, w, dm, G, y, N);
-  else if (tile == 2) int4_q8_tiles<2>(M, x8, xd, xs, K, w, dm, G, y, N);
-  else int4_q8_tiles<1>(M, x8, xd, xs, K, w, dm, G, y, N);
+// The op's work item: rows [0, M) of x, R = tile (1, 2 or 4) at a time, against `cols` (1 or 2) vectors of
+// kQ8Rows output rows at w
+template <int C>
+void int4_q8_cols(int64_t tile, int64_t M, const int8_t* x8, const float* xd, const float* xs, int64_t K,
+                  const uint8_t* w, const uint16_t* dm, int64_t G, float* y, int64_t N) {
+  if (tile == 4) int4_q8_tiles<4, C>(M, x8, xd, xs, K, w, dm, G, y, N);
+  else if (tile == 2) int4_q8_tiles<2, C>(M, x8, xd, xs, K, w, dm, G, y, N);
+  else int4_q8_tiles<1, C>(M, x8, xd, xs, K, w, dm, G, y, N);
+}
+
+void int4_q8_block(int64_t tile, int64_t cols, int64_t M, const int8_t* x8, const float* xd, const float* xs,
+                   int64_t K, const uint8_t* w, const uint16_t* dm, int64_t G, float* y, int64_t N) {
+  if (cols == 2) int4_q8_cols<2>(tile, M, x8, xd, xs, K, w, dm, G, y, N);
+  else int4_q8_cols<1>(tile, M, x8, xd, xs, K, w, dm, G, y, N);
 }
 
 // rows [0, M) of x, R = tile rows at a time, against kQ8Rows output rows of w1 (and of w3: y = silu(x w1) * (x w3))

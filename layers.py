@@ -255,15 +255,15 @@ def swap_modules(model: nn.Module, quantization) -> None:
 
 def prepare(model: nn.Module, device: torch.device | None = None, activations: str = "int16") -> None:
     """Pick each quantized layer's kernel for the device it is on, or `device` (and repack its weights for it), its
-    activations on kernels.cpp (--quant_activations: "auto", "int16" or "int8", resolved for the checkpoint's kind,
-    int4 if any layer is, by kernels.Cpu.activations); give a feed-forward whose w1 and w3 both use kernels.cpp's int8
-    kernel the fused int8_glu. On CPU a tied output layer gets its own copy in the kernel's layout: 8-row groups would
-    make every embedding lookup a gather."""
+    activations on kernels.cpp (--quant_activations: "auto", "int16" or "int8", resolved for each layer's kind and the
+    checkpoint's, int4 if any layer is, by kernels.Cpu.activations); give a feed-forward whose w1 and w3 both use
+    kernels.cpp's int8 kernel the fused int8_glu. On CPU a tied output layer gets its own copy in the kernel's layout:
+    8-row groups would make every embedding lookup a gather."""
     kind = "int4" if any(isinstance(m, Int4Linear) for m in model.modules()) else "int8"
-    mode = kernels.this_cpu().activations(activations, kind)
+    cpu = kernels.this_cpu()
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
-            m.prepare(device, mode)
+            m.prepare(device, cpu.activations(activations, kind, "int4" if isinstance(m, Int4Linear) else "int8"))
     for m in model.modules():
         if not isinstance(m, FeedForward):
             continue

@@ -260,10 +260,10 @@ def test_gemm_widths_give_the_same_bits(width):
 @pytest.mark.parametrize("width", [8, 16])
 def test_int8_activation_kernels_every_row_count_and_width(width):
     """The int8-activation ops (kernels_q8.h, one source over the vector width): at every row count, decode (1-16) and
-    prefill (17, 40, 400: rows 8 at a time), each row of the result is bit for bit the row alone, the same at width 16
-    (two row groups per vector, a layer of an odd count of groups ending on the 8-lane instance: N = 40) as at width 8,
-    and equal to the reference (x rounded by kernels.quantize_rows_int8, then float) to float rounding. Width 16 runs
-    only where the CPU has AVX-512 VNNI."""
+    prefill (17, 40, 400: int4 rows 4 at a time against two vectors of output rows, int8 rows 8 at a time), each row
+    of the result is bit for bit the row alone, the same at width 16 (two row groups per vector, a layer of an odd
+    count of groups ending on the 8-lane instance: N = 40) as at width 8, and equal to the reference (x rounded by
+    kernels.quantize_rows_int8, then float) to float rounding. Width 16 runs only where the CPU has AVX-512 VNNI."""
     assert kernels.cpu_kernels()
     if width not in kernels.q8_widths():
         pytest.skip(f"no AVX-512 VNNI here: the width-{width} int8-activation kernels are built, not run")
@@ -309,20 +309,22 @@ def test_int8_activations_round_as_the_reference_and_sum_exactly():
 
 
 @needs_avx2
-@pytest.mark.parametrize("cpu, auto", [(Cpu("AVX512", True, True), "int8"), (Cpu("AVX2", False), "int16")])
-def test_auto_activations_per_checkpoint_kind(tiny_quantized, monkeypatch, cpu, auto):
-    """--quant_activations auto takes the checkpoint's kind (Cpu.activations): an int4 checkpoint's layers, its int8
-    output layer too, all round alike; an int8 checkpoint's take the int8 rule. layers.activations describes it (and a
-    mix of kinds, which prefix caches fingerprint)."""
+@pytest.mark.parametrize("cpu, auto", [(Cpu("AVX512", True, True), "int8"),
+                                       (Cpu("AVX2", False), "int8 for int4 layers, int16 for int8 layers")])
+def test_auto_activations_per_layer_and_checkpoint_kind(tiny_quantized, monkeypatch, cpu, auto):
+    """--quant_activations auto for each layer by its kind and the checkpoint's (Cpu.activations): an int4
+    checkpoint's int4 layers take int8 activations, its int8 output layer too where the CPU has VNNI; an int8
+    checkpoint's take the int8 rule. layers.activations describes it (and a mix of kinds, which prefix caches
+    fingerprint)."""
     monkeypatch.setattr(kernels, "this_cpu", lambda: cpu)
     model = load_model(tiny_quantized["int4"], "cpu", "fp32")
     assert layers.activations(model) == auto
     attention = model.layers[0].attention
     assert model.output.op == ("int8_linear_q8" if cpu.vnni else "int8_linear")
-    assert {attention.wqkv.op, attention.wo.op} == {"int4_linear_q8" if cpu.vnni else "int4_linear"}
+    assert {attention.wqkv.op, attention.wo.op} == {"int4_linear_q8"}
     assert layers.activations(load_model(tiny_quantized["int8"], "cpu", "fp32")) == "int16"
     model.output.op = "int8_linear"
-    assert layers.activations(model) == ("int8 for int4 layers, int16 for int8 layers" if cpu.vnni else "int16")
+    assert layers.activations(model) == "int8 for int4 layers, int16 for int8 layers"
 
 
 def test_a_forced_cpu_changes_the_rules_not_what_is_measured(monkeypatch):
@@ -331,17 +333,20 @@ def test_a_forced_cpu_changes_the_rules_not_what_is_measured(monkeypatch):
     widths, q8, machine = kernels.gemm_widths(), kernels.q8_widths(), kernels._machine()
     monkeypatch.setattr(kernels, "this_cpu", lambda: Cpu("AVX2", False))
     assert (kernels.gemm_widths(), kernels.q8_widths(), kernels._machine()) == (widths, q8, machine)
-    assert kernels.this_cpu().activations("auto") == "int16" and kernels.this_cpu().gemm(torch.bfloat16)
+    assert kernels.this_cpu().activations("auto", "int8") == "int16" and kernels.this_cpu().gemm(torch.bfloat16)
 
 
-@pytest.mark.parametrize("cpu, auto", [(Cpu("AVX2", False), "int16"), (Cpu("AVX512", True, False), "int16"),
-                                       (Cpu("AVX512", True, True), "int8"), (Cpu("DEFAULT", False, True), "int16")])
-def test_activations_rule_per_cpu(cpu, auto):
-    """--quant_activations auto is int8 for int4 checkpoints where the CPU has AVX-512 VNNI, int16 elsewhere and for
-    int8 checkpoints; int16 / int8 asked for are kept for both kinds; any other value is one clear error."""
-    assert cpu.activations("auto", "int4") == auto and cpu.activations("auto", "int8") == "int16"
+@pytest.mark.parametrize("cpu, output", [(Cpu("AVX2", False), "int16"), (Cpu("AVX512", True, False), "int16"),
+                                         (Cpu("AVX512", True, True), "int8"), (Cpu("DEFAULT", False, True), "int16")])
+def test_activations_rule_per_cpu(cpu, output):
+    """--quant_activations auto is int8 for int4 layers on every CPU; for int8 layers int8 only where the CPU has
+    AVX-512 VNNI and the checkpoint is int4 (its output layer), int16 elsewhere and for int8 checkpoints; int16 / int8
+    asked for are kept for both kinds; any other value is one clear error."""
+    assert cpu.activations("auto", "int4") == cpu.activations("auto", "int4", "int4") == "int8"
+    assert cpu.activations("auto", "int4", "int8") == output and cpu.activations("auto", "int8") == "int16"
     for kind in ("int8", "int4"):
-        assert cpu.activations("int16", kind) == "int16" and cpu.activations("int8", kind) == "int8"
+        for layer in ("int8", "int4"):
+            assert cpu.activations("int16", kind, layer) == "int16" and cpu.activations("int8", kind, layer) == "int8"
     with pytest.raises(ValueError, match="unknown --quant_activations 'int4'; use one of auto, int16, int8"):
         cpu.activations("int4")
 
