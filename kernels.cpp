@@ -180,10 +180,6 @@ inline at::Tensor as_float(const at::Tensor& x) {
 
 inline at::Tensor in_dtype(const at::Tensor& y, at::ScalarType t) { return y.scalar_type() == t ? y : y.to(t); }
 
-// An empty asm that says it changes v: the sum so far must be in a register here, so GCC cannot regroup a tile's
-// integer sums (they are associative) into a tree that parks every product on the stack (seen with R > 1 rows).
-inline void keep(__m256i& v) { asm("" : "+x"(v)); }
-
 inline __m256i load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 // Eight output rows at once, one per int32 lane, for R rows of x: y[m][r] = sum_k x[m][k] * w[r, k] * s[r, k / g].
@@ -216,7 +212,7 @@ void int8_rows8(const int16_t* xq, const float* xd, int64_t K, const int8_t* w, 
         for (int m = 0; m < R; ++m) {
           const int32_t* xp = reinterpret_cast<const int32_t*>(xq + m * K);
           t[m] = _mm256_add_epi32(t[m], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[16 * b + i])));
-          keep(t[m]);
+          IVec::keep(t[m]);
         }
       }
       #pragma GCC unroll 16
@@ -270,7 +266,7 @@ void int4_rows8(const int8_t* xq, const float* xd, const float* xs, int64_t K, c
           sh[r] = _mm256_add_epi16(sh[r], _mm256_maddubs_epi16(qb, _mm256_set1_epi32(xh[p + 4])));
           sl[r] = _mm256_add_epi16(sl[r], _mm256_maddubs_epi16(qa, _mm256_set1_epi32(xl[p])));
           sl[r] = _mm256_add_epi16(sl[r], _mm256_maddubs_epi16(qb, _mm256_set1_epi32(xl[p + 4])));
-          keep(sh[r]), keep(sl[r]);
+          IVec::keep(sh[r]), IVec::keep(sl[r]);
         }
       }
       #pragma GCC unroll 16
@@ -776,9 +772,10 @@ at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Te
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = std::min(item, N - i * item), full = n / width, g = i * item / 8;
       if (full) wide(tile, full, M, qp, dp, sp, K, wp + g * 4 * K, mp + g * 16 * G, G, yp + g * 8, N);
-      if (n % width)  // a last group of 8 rows without its pair at width 16: the 8-lane instance (the same bits)
-        int4_q8_block(tile, 1, M, qp, dp, sp, K, wp + (g + full * width / 8) * 4 * K, mp + (g + full * width / 8) * 16 * G, G,
-                      yp + (g + full * width / 8) * 8, N);
+      if (n % width) {  // a last group of 8 rows without its pair at width 16: the 8-lane instance (the same bits)
+        const int64_t last = g + full * width / 8;
+        int4_q8_block(tile, 1, M, qp, dp, sp, K, wp + last * 4 * K, mp + last * 16 * G, G, yp + last * 8, N);
+      }
     }
   });
   return in_dtype(y, x.scalar_type());

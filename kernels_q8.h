@@ -25,9 +25,7 @@ struct IVec {  // AVX-512 F / BW / VNNI: 16 int32 lanes, two groups of 8 rows
   static T high_nibbles(T v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
   static T pairs(T acc, T u, T s) { return _mm512_dpbusd_epi32(acc, u, s); }  // int32 sums already
   static T widen(T acc) { return acc; }
-  // An empty asm that says it changes v: the sum so far must be in a register here, so GCC cannot regroup a tile's
-  // integer sums (associative) into a tree that parks every product on the stack
-  static void keep(T& v) { asm("" : "+v"(v)); }
+  static void keep(T& v) { asm("" : "+v"(v)); }  // as AVX2's below
   static T sub(T a, T b) { return _mm512_sub_epi32(a, b); }
   static V to_float(T v) { return _mm512_cvtepi32_ps(v); }
   // 32 bytes of each of the vector's two row groups: the group at p and the one `stride` bytes after it
