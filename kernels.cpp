@@ -733,19 +733,24 @@ const Int8Input& quantize_input8(const at::Tensor& xf, int64_t G) {  // G = 0: n
   return buf;
 }
 
-// f(wide, g) for each work item of an int8-activation op of N output rows at `width` (8 or 16) rows per item, g the
-// item's first row group of 8, on torch's threads: wide false for a last group that has no pair at width 16, which the
-// 8-lane instance computes (the same bits)
+// f(wide, g, vectors) for each work item of an int8-activation op of N output rows, `cols` vectors of `width` (8 or 16)
+// rows per item, on torch's threads: g the first row group of 8 of the vectors f computes, vectors how many (the
+// item's last may hold fewer); wide false for a last group of 8 rows that has no pair at width 16, which the 8-lane
+// instance computes (the same bits)
 template <typename F>
-void q8_items(int64_t N, int64_t width, const F& f) {
-  const int64_t items = N / width, tail = N % width;
-  parallel_chunks(items + (tail ? 1 : 0), std::max<int64_t>(32 / width, 1), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) f(i < items, i * width / 8);
+void q8_items(int64_t N, int64_t width, int64_t cols, const F& f) {
+  const int64_t item = cols * width;  // output rows per work item
+  parallel_chunks((N + item - 1) / item, std::max<int64_t>(32 / item, 1), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = std::min(item, N - i * item), vectors = n / width, g = i * item / 8;
+      if (vectors) f(true, g, vectors);
+      if (n % width) f(false, g + vectors * width / 8, int64_t{1});
+    }
   });
 }
 
 // int4_linear with x rounded to int8 per block (llama.cpp's Q4_1 x Q8_1): every row of x by kernels_q8.h's kernel, at
-// any M, 8 or 16 output rows per vector as `width` says; work items of `cols` vectors, on torch's threads.
+// any M, 8 or 16 output rows per vector as `width` says (q8_items: work items of `cols` vectors).
 at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dm, int64_t tile, int64_t width) {
   const int64_t M = x.size(0), N = w.size(0), K = 2 * w.size(1), G = dm.size(2);
   // One or two rows of x take width 8 whatever was asked: their weights come from memory, not cache, and one 8-row
@@ -767,16 +772,9 @@ at::Tensor int4_linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Te
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(dm.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   const auto wide = width == 16 ? &fastllama_avx512::int4_q8 : &int4_q8_block;
-  const int64_t item = cols * width;  // output rows per work item
-  parallel_chunks((N + item - 1) / item, std::max<int64_t>(32 / item, 1), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = std::min(item, N - i * item), full = n / width, g = i * item / 8;
-      if (full) wide(tile, full, M, qp, dp, sp, K, wp + g * 4 * K, mp + g * 16 * G, G, yp + g * 8, N);
-      if (n % width) {  // a last group of 8 rows without its pair at width 16: the 8-lane instance (the same bits)
-        const int64_t last = g + full * width / 8;
-        int4_q8_block(tile, 1, M, qp, dp, sp, K, wp + last * 4 * K, mp + last * 16 * G, G, yp + last * 8, N);
-      }
-    }
+  q8_items(N, width, cols, [&](bool wide_item, int64_t g, int64_t vectors) {
+    (wide_item ? wide : &int4_q8_block)(tile, vectors, M, qp, dp, sp, K, wp + g * 4 * K, mp + g * 16 * G, G,
+                                        yp + g * 8, N);
   });
   return in_dtype(y, x.scalar_type());
 }
@@ -799,7 +797,7 @@ at::Tensor int8_q8_call(const at::Tensor& x, const at::Tensor& w1, const at::Ten
   const int8_t* wp[2] = {w1.data_ptr<int8_t>(), w3 ? w3->data_ptr<int8_t>() : nullptr};
   float* yp = y.data_ptr<float>();
   const auto wide = width == 16 ? &fastllama_avx512::int8_q8 : &int8_q8_block;
-  q8_items(N, width, [&](bool paired, int64_t g) {
+  q8_items(N, width, 1, [&](bool paired, int64_t g, int64_t) {
     (paired ? wide : &int8_q8_block)(tile, M, qp, up, dp, K, wp[0] + g * 8 * K, sp[0] + g * 8 * G,
                                      w3 ? wp[1] + g * 8 * K : nullptr, w3 ? sp[1] + g * 8 * G : nullptr, G,
                                      yp + g * 8, N);
