@@ -79,12 +79,12 @@ struct IVec {  // AVX2: 8 int32 lanes, one group of 8 rows
                                            0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
     return _mm256_shuffle_epi8(_mm256_permute4x64_epi64(v, 0xD8), split);
   }
-  // Signed products, exact for every int8 w and x: both widened to int16, even bytes then odd ones, by vpmaddwd
+  // Signed products, llama.cpp's way: vpmaddubsw of |w| (unsigned; -128 reads as 128) by x carrying w's sign
+  // (vpsignb), whose pairs reach at most 2 x 128 x 127 = 32512 < 2^15 (x is at most 127 in magnitude, quantize_x8),
+  // then summed into int32 by vpmaddwd with ones: exact for every int8 w
   static T dot_s8(T acc, T w, int32_t x, int32_t /* u */) {
-    const __m256i xv = _mm256_set1_epi32(x);
-    const __m256i we = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8), wo = _mm256_srai_epi16(w, 8);
-    const __m256i xe = _mm256_srai_epi16(_mm256_slli_epi16(xv, 8), 8), xo = _mm256_srai_epi16(xv, 8);
-    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(we, xe), _mm256_madd_epi16(wo, xo)));
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(_mm256_set1_epi32(x), w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
   static T offset_sum(T acc, T) { return acc; }  // no offset to take off
 };

@@ -290,7 +290,8 @@ def test_int8_activation_kernels_every_row_count_and_width(width):
 def test_int8_activations_round_as_the_reference_and_sum_exactly():
     """x rounded to int8 per block exactly as kernels.quantize_rows_int8 says (an int8 layer of one-hot rows gives the
     rounded x back, bit for bit: a zero block, an outlier, ties), and products exact at the int8 extremes: weights -128
-    and 127 against activations -127 and 127 (vpdpbusd's unsigned operand is x + 128, AVX2 widens to int16)."""
+    and 127 against activations -127 and 127 (vpdpbusd's unsigned operand is x + 128; AVX2's vpmaddubsw takes |w| and
+    x with w's sign, and its int16 pair sums must not saturate)."""
     assert kernels.cpu_kernels()
     K = 128
     x = torch.randn(5, K)
@@ -301,7 +302,8 @@ def test_int8_activations_round_as_the_reference_and_sum_exactly():
     for width in kernels.q8_widths():
         assert torch.equal(torch.ops.fastllama.int8_linear_q8(x, *eye, 1, width), kernels.quantize_rows_int8(x))
     w = torch.tensor([-128, 127], dtype=torch.int8).repeat(16, K // 2)  # (16, K)
-    xs = torch.tensor([[127.0, -127.0] * (K // 2), [-127.0, -127.0] * (K // 2)])  # rounds to itself (d = 1)
+    # rounds to itself (d = 1); the last row's pairs of products reach 128 x 127 + 127 x 127, near AVX2's int16 bound
+    xs = torch.tensor([[127.0, -127.0] * (K // 2), [-127.0, -127.0] * (K // 2), [-127.0, 127.0] * (K // 2)])
     exact = (xs.double() @ w.double().T).float()
     for width in kernels.q8_widths():
         assert torch.equal(torch.ops.fastllama.int8_linear_q8(xs, *kernels.int8_to_kernel(w, torch.ones(16, 4)), 1,
