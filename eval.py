@@ -1,9 +1,11 @@
-"""Evaluate a fastllama checkpoint. For now: perplexity of a text file with a sliding window.
+"""Evaluate a fastllama checkpoint: perplexity of a text file with a sliding window, or lm-eval tasks through our
+model (lm_eval_model).
 
     python eval.py --perplexity data/perplexity.txt --checkpoint_path checkpoints/M/model_int8.pth
+    python eval.py --tasks fastllama_facts --include_path tasks
 
-The text is tokenized once; windows of --max_seq_length tokens start every --stride tokens, and
-each window scores only the tokens no earlier window scored, so every token after the first is
+Perplexity: the text is tokenized once; windows of --max_seq_length tokens start every --stride tokens,
+and each window scores only the tokens no earlier window scored, so every token after the first is
 predicted once, with at least max_seq_length - stride tokens of context (when the text has them).
 Reference: https://huggingface.co/docs/transformers/perplexity
 """

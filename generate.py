@@ -5,7 +5,8 @@
 
 The steps are pure functions of (model, tokens, positions) so that `torch.compile` can turn each into one
 fused graph (`--compile`, `--compile_prefill`). Reading order: sampling, the model steps, the decode loop,
-loading, the command line. eval.py, benchmark.py and quantize.py import the steps, the loop and the loader.
+loading, the command line. engine.py, server.py, eval.py, quantize.py, benchmark.py, memory_bench.py and
+serve_bench.py import the steps, the loop and the loader.
 References: gpt-fast generate.py, https://github.com/pytorch-labs/gpt-fast
 """
 import argparse
@@ -321,7 +322,7 @@ def strategy(model: Transformer, n_new: int, *, draft, prompt_lookup, speculate_
     """The one way a run generates, as run(ids, callback, stats) -> new tokens (B, N): speculative decoding (a draft
     model or prompt lookup), generation after a cached prefix (cached: the tokens the cache holds), or plain."""
     if draft is not None or prompt_lookup is not None:
-        return lambda ids, cb, stats: speculative.speculative_generate(  # noqa: E731
+        return lambda ids, cb, stats: speculative.speculative_generate(
             model, torch.tensor(ids, device=model.device), n_new, k=speculate_k, draft=draft,
             prompt_lookup=prompt_lookup, verify_step=verify_step, draft_step=decode_step, callback=cb, stats=stats,
             **kw)

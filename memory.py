@@ -4,7 +4,7 @@
     python memory.py meta-llama/Llama-2-70b-hf --precision int4 --context 4096 --rows 8 --memory 64GiB
 
 MODEL is a checkpoint folder or weights file, a Hugging Face folder with config.json, a GGUF file, or a name from
-configs.py's offline table. `estimate` builds the model on the meta device the way the loader does (the layouts of
+configs.py's offline table. `Sizer` builds the model on the meta device the way the loader does (the layouts of
 the device's kernels, tied tensors once, setup_caches' KV cache and tables), so its weight and KV bytes are the
 loaded model's, byte for byte. The largest activation, the load's transient peak and the runtime's own baseline
 are modelled, and checked against measured peaks (tests/test_memory.py; the figures are in docs/benchmarks.md).
@@ -416,7 +416,7 @@ def print_estimate(est: Estimate, bandwidth: float | None) -> None:
 
 
 def rule_of_thumb(precision: str, context: int) -> list[dict]:
-    """The seed notes' rule (1.2 x parameters x bytes per parameter) beside our estimate, for the LLaMA models."""
+    """The common rule of thumb (1.2 x parameters x bytes per parameter) beside our estimate, for the LLaMA models."""
     per_param = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "q8_0": 1, "int4": 0.5, "q4_1": 0.5}[precision]
     out = []
     for name in RULE_OF_THUMB_MODELS:

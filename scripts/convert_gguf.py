@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from convert_hf_checkpoint import layer_names  # noqa: E402
+from convert_hf_checkpoint import layer_names
 
-import files  # noqa: E402
-from checkpoint import Checkpoint, Format, Quantization, save_checkpoint  # noqa: E402
-from files import BadFile, first_line  # noqa: E402
-from layers import pack_int4  # noqa: E402
-from model import ModelArgs  # noqa: E402
-from tokenizer import chat_template_of  # noqa: E402
+import files
+from checkpoint import Checkpoint, Format, Quantization, save_checkpoint
+from files import BadFile, first_line
+from layers import pack_int4
+from model import ModelArgs
+from tokenizer import chat_template_of
 
 
 class Unsupported(ValueError):

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import Format, save_checkpoint  # noqa: E402
-from files import BadFile, first_line, read_json, record  # noqa: E402
-from model import ModelArgs  # noqa: E402
-from tokenizer import TOKENIZER_FILES  # noqa: E402
+from checkpoint import Format, save_checkpoint
+from files import BadFile, first_line, read_json, record
+from model import ModelArgs
+from tokenizer import TOKENIZER_FILES
 
 DOWNLOAD_AGAIN = "download it again (scripts/prepare.sh REPO_ID) or copy it again"
 WEIGHT_MAP = {
